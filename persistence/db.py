@@ -1,0 +1,304 @@
+"""SQLite connections, explicit transactions and versioned migrations.
+
+Everything that touches ``sqlite3`` directly goes through this module so the
+durability and locking settings are chosen once, on purpose:
+
+* WAL journal: readers never block the single writer and a commit is one
+  sequential append to the ``-wal`` file.
+* ``isolation_level=None``: the ``sqlite3`` module never opens transactions
+  behind our back; :func:`transaction` opens them explicitly.
+* ``BEGIN IMMEDIATE``: the write lock is taken at the start, so two writers
+  (two processes, or two repositories on the same file) serialise at BEGIN,
+  waiting up to ``busy_timeout``, instead of failing later with
+  "database is locked" half-way through a transaction.
+
+Thread-safety: a connection is opened with ``check_same_thread=False`` so an
+actor created in one thread and run in another may use it, but it must only
+ever be used by one thread at a time (the actor that owns it).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from persistence.errors import NestedTransactionError, PersistenceError, SchemaTooNew
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "Migration",
+    "MIGRATIONS",
+    "open_database",
+    "transaction",
+    "migrate",
+    "schema_version",
+    "split_sql",
+]
+
+#: How long a connection waits for another writer's lock before failing.
+BUSY_TIMEOUT_MS: Final = 5000
+
+
+class Migration(NamedTuple):
+    """One schema step: applied once, in order, in its own transaction."""
+
+    version: int
+    description: str
+    sql: str
+
+
+_SCHEMA_V1: Final = """
+CREATE TABLE charging_points (
+    cp_id          TEXT PRIMARY KEY,
+    location       TEXT NOT NULL,
+    price_eur_kwh  REAL NOT NULL CHECK (price_eur_kwh >= 0),
+    state          TEXT NOT NULL DEFAULT 'DISCONNECTED',
+    updated_at     REAL
+);
+
+CREATE TABLE drivers (
+    driver_id   TEXT PRIMARY KEY,
+    first_seen  REAL
+);
+
+CREATE TABLE sessions (
+    session_id     TEXT PRIMARY KEY,
+    cp_id          TEXT NOT NULL REFERENCES charging_points (cp_id),
+    driver_id      TEXT NOT NULL,
+    price_eur_kwh  REAL NOT NULL,
+    status         TEXT NOT NULL
+                   CHECK (status IN ('authorized', 'supplying', 'completed', 'cancelled')),
+    created_at     REAL NOT NULL,
+    started_at     REAL,
+    ended_at       REAL,
+    last_seq       INTEGER NOT NULL DEFAULT 0,
+    energy_kwh     REAL NOT NULL DEFAULT 0,
+    cost_eur       REAL NOT NULL DEFAULT 0,
+    end_reason     TEXT
+);
+
+-- At most one live session per driver and per CP, enforced by the database
+-- itself so that no race between actors can ever authorise two supplies.
+CREATE UNIQUE INDEX sessions_one_live_per_driver
+    ON sessions (driver_id) WHERE status IN ('authorized', 'supplying');
+CREATE UNIQUE INDEX sessions_one_live_per_cp
+    ON sessions (cp_id) WHERE status IN ('authorized', 'supplying');
+CREATE INDEX sessions_by_status ON sessions (status);
+
+-- UNIQUE (session_id) is the exactly-once billing guarantee: a replayed
+-- completion can never produce a second ticket for the same supply.
+CREATE TABLE tickets (
+    ticket_id      INTEGER PRIMARY KEY,
+    session_id     TEXT NOT NULL UNIQUE REFERENCES sessions (session_id),
+    driver_id      TEXT NOT NULL,
+    cp_id          TEXT NOT NULL,
+    price_eur_kwh  REAL NOT NULL,
+    energy_kwh     REAL NOT NULL,
+    cost_eur       REAL NOT NULL,
+    cost_cents     INTEGER NOT NULL,
+    started_at     REAL,
+    ended_at       REAL,
+    end_reason     TEXT,
+    issued_at      REAL NOT NULL,
+    acked_at       REAL
+);
+CREATE INDEX tickets_unacked_by_driver ON tickets (driver_id) WHERE acked_at IS NULL;
+
+CREATE TABLE processed_messages (
+    message_id    TEXT PRIMARY KEY,
+    topic         TEXT,
+    processed_at  REAL
+);
+CREATE INDEX processed_messages_by_time ON processed_messages (processed_at);
+
+CREATE TABLE audit_log (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    component  TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    event      TEXT NOT NULL,
+    detail     TEXT NOT NULL DEFAULT ''
+);
+"""
+
+#: Central's schema history. Append only: never edit an applied step.
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "charging points, drivers, sessions, tickets, dedupe, audit", _SCHEMA_V1),
+)
+
+_SCHEMA_VERSION_DDL: Final = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version      INTEGER PRIMARY KEY,
+    description  TEXT NOT NULL,
+    applied_at   REAL NOT NULL
+)
+"""
+
+
+def open_database(path: str | Path, *, durable: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) an SQLite database configured for this project.
+
+    Durability: in WAL mode with ``synchronous=NORMAL`` a committed
+    transaction is in the WAL file (the OS page cache) when COMMIT returns,
+    so it survives a crash of *our process* (SIGKILL, closed terminal) --
+    the failures SPEC §3 is about. Only a crash of the operating system or
+    a power cut may lose the last few commits (never corrupt the file),
+    because the WAL is fsynced at checkpoints rather than at every commit.
+    That trade buys an order of magnitude in commit latency. Pass
+    ``durable=True`` for ``synchronous=FULL`` (fsync at every commit) when
+    that last window matters too.
+
+    The connection is in autocommit mode (``isolation_level=None``): use
+    :func:`transaction` for anything that writes more than one statement.
+    Parent directories are created. ``":memory:"`` is accepted (no WAL).
+    """
+    target = str(path)
+    in_memory = target == ":memory:"
+    if not in_memory:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        target,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not in_memory:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise PersistenceError(
+                    f"Cannot use write-ahead logging for {target} (SQLite answered "
+                    f"journal_mode={mode}); put the database on a local file system."
+                )
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open; never mask the real error."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run the block as one ``BEGIN IMMEDIATE`` transaction.
+
+    Commits when the block ends normally; rolls back on *any* exception
+    (including KeyboardInterrupt) and re-raises it, so a failure half-way
+    leaves nothing behind. Nesting raises :class:`NestedTransactionError`
+    because SQLite cannot nest transactions.
+    """
+    if conn.in_transaction:
+        raise NestedTransactionError(
+            "A transaction is already open on this connection; SQLite cannot "
+            "nest transactions, so do the whole unit of work in one block."
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def split_sql(script: str) -> list[str]:
+    """Split an SQL script into complete statements.
+
+    Needed because ``Connection.executescript`` commits any open transaction
+    first, which would break "one migration, one transaction". Semicolons
+    inside strings, comments and trigger bodies are handled by SQLite's own
+    :func:`sqlite3.complete_statement`.
+    """
+    statements: list[str] = []
+    buffer = ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if _has_code(buffer):
+                statements.append(buffer.strip())
+            buffer = ""
+    leftover = buffer[:-1]  # drop the ';' appended after the last piece
+    if _has_code(leftover):
+        raise ValueError(f"Incomplete SQL statement at the end of the script: {leftover.strip()!r}")
+    return statements
+
+
+def _has_code(sql: str) -> bool:
+    """True when ``sql`` holds more than whitespace, semicolons and comments."""
+    lines = (line.split("--", 1)[0] for line in sql.splitlines())
+    return any(line.strip(" \t;") for line in lines)
+
+
+def _validate(migrations: Sequence[Migration]) -> None:
+    expected = list(range(1, len(migrations) + 1))
+    if [m.version for m in migrations] != expected:
+        raise ValueError(f"Migration versions must be 1..{len(migrations)} in order")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """Highest applied migration version (0 for a fresh database)."""
+    conn.execute(_SCHEMA_VERSION_DDL)
+    (version,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    return int(version)
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """Apply the missing migrations in order, each in its own transaction.
+
+    Idempotent: applied versions are recorded in ``schema_version`` and
+    skipped, and each step re-checks the version under the write lock, so
+    two processes migrating the same file at once apply each step once.
+    Raises :class:`SchemaTooNew` when the database is ahead of the code.
+    Returns the resulting schema version.
+    """
+    _validate(migrations)
+    latest = len(migrations)
+    current = schema_version(conn)
+    if current > latest:
+        raise SchemaTooNew(current, latest, _db_name(conn))
+    for step in migrations[current:]:
+        with transaction(conn):
+            current = schema_version(conn)
+            if current >= step.version:
+                continue  # another process applied it meanwhile
+            for statement in split_sql(step.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                (step.version, step.description, clock()),
+            )
+    current = schema_version(conn)
+    if current > latest:
+        raise SchemaTooNew(current, latest, _db_name(conn))
+    return current
+
+
+def _db_name(conn: sqlite3.Connection) -> str:
+    """File name of the main database, for error messages."""
+    for _seq, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return str(file) if file else ":memory:"
+    return ""

@@ -1,0 +1,576 @@
+"""Central's repository: every read and write of charging points, sessions,
+tickets, message dedupe and the audit trail.
+
+Why one class with intent-named methods instead of exposing SQL: the
+exactly-once rules (SPEC §3) live in *which* statements share a
+transaction, and that must not be re-invented by each caller.
+
+Thread-safety: a Repository owns one SQLite connection, opened with
+``check_same_thread=False`` so the actor that owns it may be created in one
+thread and run in another. It must be used by one thread at a time only
+(its owning actor); give each actor that needs the database its own
+Repository on the same file -- WAL and ``BEGIN IMMEDIATE`` serialise them.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from persistence.db import migrate, open_database, transaction
+from persistence.errors import Conflict, UnknownChargingPoint, UnknownSession
+from persistence.records import (
+    AuditRecord,
+    CpRecord,
+    SessionRecord,
+    TicketRecord,
+    cents_from_eur,
+    columns,
+)
+
+__all__ = ["Repository", "Checkpoint"]
+
+#: (session_id, last_seq, energy_kwh, cost_eur), as batched by Central.
+Checkpoint = tuple[str, int, float, float]
+
+_CP_COLS = columns(CpRecord)
+_SESSION_COLS = columns(SessionRecord)
+_TICKET_COLS = columns(TicketRecord)
+_AUDIT_COLS = columns(AuditRecord)
+_LIVE = "status IN ('authorized', 'supplying')"
+
+
+def _check_price(price_eur_kwh: float) -> float:
+    """Reject prices SQLite would store wrongly (NaN becomes NULL) or that make no sense."""
+    price = float(price_eur_kwh)
+    if not math.isfinite(price) or price < 0:
+        raise ValueError(f"A price must be a finite number >= 0 €/kWh, not {price_eur_kwh!r}")
+    return price
+
+
+def _check_amount(name: str, value: float) -> float:
+    amount = float(value)
+    if not math.isfinite(amount):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return amount
+
+
+class Repository:
+    """Central's database. Construct with a path (opens and migrates) or use
+    :meth:`open`; :meth:`close` when done (also a context manager).
+
+    ``clock`` supplies timestamps the caller does not pass explicitly
+    (``updated_at``, ``issued_at``, ...); tests inject a fake one.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durable: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = str(path)
+        self._clock = clock
+        self._closed = False
+        self._conn = open_database(path, durable=durable)
+        try:
+            migrate(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        durable: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> Repository:
+        """Open (creating and migrating if needed) the database at ``path``."""
+        return cls(path, durable=durable, clock=clock)
+
+    @property
+    def path(self) -> str:
+        """The database file this repository works on."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection; idempotent. Committed data is already durable."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass
+        self._conn.close()  # later use raises sqlite3.ProgrammingError
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple[Any, ...] | None:
+        return self._conn.execute(sql, tuple(params)).fetchone()
+
+    def _session(self, session_id: str) -> SessionRecord | None:
+        row = self._one(f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,))
+        return SessionRecord(*row) if row else None
+
+    def _require_session(self, session_id: str) -> SessionRecord:
+        session = self._session(session_id)
+        if session is None:
+            raise UnknownSession(session_id)
+        return session
+
+    def _ticket(self, session_id: str) -> TicketRecord | None:
+        row = self._one(f"SELECT {_TICKET_COLS} FROM tickets WHERE session_id = ?", (session_id,))
+        return TicketRecord(*row) if row else None
+
+    def _cp(self, cp_id: str) -> CpRecord | None:
+        row = self._one(f"SELECT {_CP_COLS} FROM charging_points WHERE cp_id = ?", (cp_id,))
+        return CpRecord(*row) if row else None
+
+    # --------------------------------------------------------- charging points
+
+    def upsert_cp(self, cp_id: str, location: str, price_eur_kwh: float) -> CpRecord:
+        """Create or update a CP's location and price (operator action); state is kept."""
+        price = _check_price(price_eur_kwh)
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO charging_points (cp_id, location, price_eur_kwh, updated_at) "
+                "VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (cp_id) DO UPDATE SET location = excluded.location, "
+                "price_eur_kwh = excluded.price_eur_kwh, updated_at = excluded.updated_at",
+                (cp_id, location, price, self._clock()),
+            )
+            record = self._cp(cp_id)
+        assert record is not None
+        return record
+
+    def enroll_cp(self, cp_id: str, location: str, default_price: float) -> CpRecord:
+        """Register a CP that connects for the first time; a known CP is
+        returned unchanged (its price and location stay Central's)."""
+        price = _check_price(default_price)
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO charging_points (cp_id, location, price_eur_kwh, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (cp_id) DO NOTHING",
+                (cp_id, location, price, self._clock()),
+            )
+            record = self._cp(cp_id)
+        assert record is not None
+        return record
+
+    def get_cp(self, cp_id: str) -> CpRecord | None:
+        """The CP, or None if it was never registered."""
+        return self._cp(cp_id)
+
+    def list_cps(self) -> list[CpRecord]:
+        """All CPs ordered by id (the panel's and the driver's list)."""
+        rows = self._conn.execute(f"SELECT {_CP_COLS} FROM charging_points ORDER BY cp_id")
+        return [CpRecord(*row) for row in rows]
+
+    def set_cp_state(self, cp_id: str, state: str) -> None:
+        """Record a CP's state; raises UnknownChargingPoint for an unregistered id."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE charging_points SET state = ?, updated_at = ? WHERE cp_id = ?",
+                (state, self._clock(), cp_id),
+            )
+            if cursor.rowcount == 0:
+                raise UnknownChargingPoint(cp_id)
+
+    def set_all_cp_states(self, state: str) -> int:
+        """Set every CP's state (Central start: all DISCONNECTED until their
+        Monitors connect). Returns how many CPs there are."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE charging_points SET state = ?, updated_at = ?", (state, self._clock())
+            )
+        return cursor.rowcount
+
+    # ------------------------------------------------------------------ drivers
+
+    def ensure_driver(self, driver_id: str) -> None:
+        """Remember a driver (first sighting time); no-op if already known."""
+        with transaction(self._conn):
+            self._ensure_driver(driver_id)
+
+    def _ensure_driver(self, driver_id: str) -> None:
+        self._conn.execute(
+            "INSERT INTO drivers (driver_id, first_seen) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (driver_id, self._clock()),
+        )
+
+    # ----------------------------------------------------------------- sessions
+
+    def open_session(
+        self,
+        session_id: str,
+        cp_id: str,
+        driver_id: str,
+        price_eur_kwh: float,
+        at: float,
+    ) -> SessionRecord:
+        """Create an 'authorized' session (also remembering the driver).
+
+        The partial unique indexes make "one live session per driver and per
+        CP" hold even against racing actors or processes; a violation is
+        raised as :class:`Conflict` naming the session already holding the slot.
+        Raises UnknownChargingPoint if the CP is not registered.
+        """
+        price = _check_price(price_eur_kwh)
+        with transaction(self._conn):
+            self._ensure_driver(driver_id)
+            try:
+                self._conn.execute(
+                    "INSERT INTO sessions (session_id, cp_id, driver_id, price_eur_kwh, "
+                    "status, created_at) VALUES (?, ?, ?, ?, 'authorized', ?)",
+                    (session_id, cp_id, driver_id, price, at),
+                )
+            except sqlite3.IntegrityError as exc:
+                translated = self._explain_open_failure(exc, session_id, cp_id, driver_id)
+                if translated is exc:
+                    raise
+                raise translated from exc
+            record = self._session(session_id)
+        assert record is not None
+        return record
+
+    def _explain_open_failure(
+        self, exc: sqlite3.IntegrityError, session_id: str, cp_id: str, driver_id: str
+    ) -> Exception:
+        """Turn the constraint SQLite names into a sentence for the operator."""
+        message = str(exc)
+        # Checked first: SQLite may report another index of the same row.
+        reused = self._session(session_id)
+        if reused is not None:
+            return Conflict(
+                f"Session id {session_id} is already used (driver {reused.driver_id} "
+                f"at CP {reused.cp_id}, {reused.status}).",
+                kind="session_id",
+                existing=reused,
+            )
+        if "sessions.driver_id" in message:
+            existing = self.live_session_for_driver(driver_id)
+            return Conflict(
+                f"Driver {driver_id} already has a live session"
+                + (
+                    f" ({existing.session_id}, {existing.status} at CP {existing.cp_id})"
+                    if existing
+                    else ""
+                )
+                + "; a driver can have only one supply at a time.",
+                kind="driver",
+                existing=existing,
+            )
+        if "sessions.cp_id" in message:
+            existing = self.live_session_for_cp(cp_id)
+            return Conflict(
+                f"Charging point {cp_id} already has a live session"
+                + (
+                    f" ({existing.session_id}, {existing.status} for driver {existing.driver_id})"
+                    if existing
+                    else ""
+                )
+                + "; a charging point serves one driver at a time.",
+                kind="cp",
+                existing=existing,
+            )
+        if "FOREIGN KEY" in message and self._cp(cp_id) is None:
+            return UnknownChargingPoint(cp_id)
+        return exc
+
+    def mark_supplying(self, session_id: str, at: float) -> bool:
+        """The driver plugged in: 'authorized' → 'supplying' with ``started_at``.
+
+        Idempotent for replays: True if the session is now supplying (also
+        when it already was, keeping the first start time); False, changing
+        nothing, when it already ended (completed or cancelled).
+        """
+        with transaction(self._conn):
+            session = self._require_session(session_id)
+            if session.status == "authorized":
+                self._conn.execute(
+                    "UPDATE sessions SET status = 'supplying', started_at = ? WHERE session_id = ?",
+                    (at, session_id),
+                )
+                return True
+            return session.status == "supplying"
+
+    def checkpoint(self, session_id: str, last_seq: int, energy_kwh: float, cost_eur: float) -> bool:
+        """Store the running totals of a live session, only moving forward.
+
+        A ``last_seq`` not greater than the stored one (a replayed or
+        reordered telemetry record) is ignored, as is any checkpoint of an
+        ended session (its final figures must not be overwritten). Returns
+        True if applied. Raises UnknownSession for an id that does not exist.
+        """
+        with transaction(self._conn):
+            applied = self._checkpoint(session_id, last_seq, energy_kwh, cost_eur)
+            if not applied:
+                self._require_session(session_id)
+        return applied
+
+    def checkpoint_many(self, checkpoints: Iterable[Checkpoint]) -> int:
+        """Apply a batch of checkpoints in one transaction (one commit for
+        many telemetry records). Same forward-only rule as :meth:`checkpoint`;
+        unknown session ids are skipped so one stale id cannot sink the
+        batch. Returns how many were applied."""
+        applied = 0
+        with transaction(self._conn):
+            for session_id, last_seq, energy_kwh, cost_eur in checkpoints:
+                applied += self._checkpoint(session_id, last_seq, energy_kwh, cost_eur)
+        return applied
+
+    def _checkpoint(self, session_id: str, last_seq: int, energy_kwh: float, cost_eur: float) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE sessions SET last_seq = ?, energy_kwh = ?, cost_eur = ? "
+            f"WHERE session_id = ? AND last_seq < ? AND {_LIVE}",
+            (
+                int(last_seq),
+                _check_amount("energy_kwh", energy_kwh),
+                _check_amount("cost_eur", cost_eur),
+                session_id,
+                int(last_seq),
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def cancel_session(self, session_id: str, reason: str, at: float) -> bool:
+        """End a session that was authorised but never started (denied by the
+        CP, or the CP vanished before plug-in): no ticket is issued.
+
+        Only an 'authorized' session is cancelled (returns True). A supplying
+        session is left alone (returns False): energy was delivered and must
+        be billed through :meth:`complete_session`. Also False when it
+        already ended.
+        """
+        with transaction(self._conn):
+            session = self._require_session(session_id)
+            if session.status != "authorized":
+                return False
+            self._conn.execute(
+                "UPDATE sessions SET status = 'cancelled', end_reason = ?, ended_at = ? "
+                "WHERE session_id = ?",
+                (reason, at, session_id),
+            )
+            return True
+
+    def complete_session(
+        self,
+        session_id: str,
+        energy_kwh: float,
+        cost_eur: float,
+        end_reason: str,
+        ended_at: float,
+        cp_state: str | None = None,
+        message_id: str | None = None,
+        topic: str | None = None,
+    ) -> tuple[TicketRecord, bool]:
+        """Bill a supply exactly once, in ONE transaction.
+
+        If the session already has a ticket, returns ``(existing, False)``
+        and changes nothing (a replayed completion). Otherwise marks the
+        session completed with the final figures, sets the CP's state if
+        ``cp_state`` is given, inserts the ticket (``cost_cents`` rounded
+        half up) and records ``message_id`` as processed if given, then
+        returns ``(ticket, True)``. Either all of that is committed or none.
+
+        A 'cancelled' session can still be completed: an Engine that
+        supplied while Central had lost track of it (e.g. the CP vanished
+        and came back) must still be billed. Raises UnknownSession for an
+        id that does not exist.
+        """
+        energy = _check_amount("energy_kwh", energy_kwh)
+        cost = _check_amount("cost_eur", cost_eur)
+        cents = cents_from_eur(cost)
+        now = self._clock()
+        with transaction(self._conn):
+            existing = self._ticket(session_id)
+            if existing is not None:
+                return existing, False
+            session = self._require_session(session_id)
+            self._conn.execute(
+                "UPDATE sessions SET status = 'completed', energy_kwh = ?, cost_eur = ?, "
+                "end_reason = ?, ended_at = ? WHERE session_id = ?",
+                (energy, cost, end_reason, ended_at, session_id),
+            )
+            if cp_state is not None:
+                self._conn.execute(
+                    "UPDATE charging_points SET state = ?, updated_at = ? WHERE cp_id = ?",
+                    (cp_state, now, session.cp_id),
+                )
+            self._conn.execute(
+                "INSERT INTO tickets (session_id, driver_id, cp_id, price_eur_kwh, energy_kwh, "
+                "cost_eur, cost_cents, started_at, ended_at, end_reason, issued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    session.driver_id,
+                    session.cp_id,
+                    session.price_eur_kwh,
+                    energy,
+                    cost,
+                    cents,
+                    session.started_at,
+                    ended_at,
+                    end_reason,
+                    now,
+                ),
+            )
+            if message_id is not None:
+                self._mark_processed(message_id, topic, now)
+            ticket = self._ticket(session_id)
+        assert ticket is not None
+        return ticket, True
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        """The session, or None."""
+        return self._session(session_id)
+
+    def live_sessions(self) -> list[SessionRecord]:
+        """Sessions still 'authorized' or 'supplying' (Central reloads these
+        at start so late or replayed records find an owner)."""
+        rows = self._conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE {_LIVE} ORDER BY created_at, session_id"
+        )
+        return [SessionRecord(*row) for row in rows]
+
+    def live_session_for_driver(self, driver_id: str) -> SessionRecord | None:
+        """The driver's live session, if any (there is at most one)."""
+        row = self._one(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE driver_id = ? AND {_LIVE}", (driver_id,)
+        )
+        return SessionRecord(*row) if row else None
+
+    def live_session_for_cp(self, cp_id: str) -> SessionRecord | None:
+        """The CP's live session, if any (there is at most one)."""
+        row = self._one(f"SELECT {_SESSION_COLS} FROM sessions WHERE cp_id = ? AND {_LIVE}", (cp_id,))
+        return SessionRecord(*row) if row else None
+
+    # ------------------------------------------------------------------ tickets
+
+    def get_ticket(self, session_id: str) -> TicketRecord | None:
+        """The ticket of a session, or None if it was not billed (yet)."""
+        return self._ticket(session_id)
+
+    def tickets(self) -> list[TicketRecord]:
+        """Every ticket, oldest first."""
+        rows = self._conn.execute(f"SELECT {_TICKET_COLS} FROM tickets ORDER BY ticket_id")
+        return [TicketRecord(*row) for row in rows]
+
+    def unacked_tickets(self, driver_id: str) -> list[TicketRecord]:
+        """Tickets the driver has not confirmed (re-sent when it comes back)."""
+        rows = self._conn.execute(
+            f"SELECT {_TICKET_COLS} FROM tickets WHERE driver_id = ? AND acked_at IS NULL "
+            "ORDER BY ticket_id",
+            (driver_id,),
+        )
+        return [TicketRecord(*row) for row in rows]
+
+    def ack_ticket(self, driver_id: str, session_id: str) -> bool:
+        """The driver confirmed receipt. True if this call acknowledged it;
+        False if it was already acknowledged, unknown, or another driver's."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE tickets SET acked_at = ? "
+                "WHERE session_id = ? AND driver_id = ? AND acked_at IS NULL",
+                (self._clock(), session_id, driver_id),
+            )
+        return cursor.rowcount == 1
+
+    # --------------------------------------------------------- message dedupe
+
+    def is_processed(self, message_id: str) -> bool:
+        """True if a message with this id already had its effect committed."""
+        return self._one("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)) is not None
+
+    def mark_processed(self, message_id: str, topic: str | None) -> bool:
+        """Record that a message's effect is committed. True if newly recorded."""
+        with transaction(self._conn):
+            return self._mark_processed(message_id, topic, self._clock())
+
+    def _mark_processed(self, message_id: str, topic: str | None, at: float) -> bool:
+        cursor = self._conn.execute(
+            "INSERT INTO processed_messages (message_id, topic, processed_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (message_id) DO NOTHING",
+            (message_id, topic, at),
+        )
+        return cursor.rowcount == 1
+
+    def prune_processed(self, before: float) -> int:
+        """Forget message ids processed before ``before`` (older than any
+        replay Kafka could still deliver). Returns how many were removed."""
+        with transaction(self._conn):
+            cursor = self._conn.execute("DELETE FROM processed_messages WHERE processed_at < ?", (before,))
+        return cursor.rowcount
+
+    # -------------------------------------------------------------------- audit
+
+    def audit(self, component: str, subject: str, event: str, detail: str = "") -> None:
+        """Append a line to the operator's audit trail."""
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO audit_log (at, component, subject, event, detail) VALUES (?, ?, ?, ?, ?)",
+                (self._clock(), component, subject, event, detail),
+            )
+
+    def recent_audit(self, limit: int = 50) -> list[AuditRecord]:
+        """The latest ``limit`` audit lines, newest first."""
+        rows = self._conn.execute(
+            f"SELECT {_AUDIT_COLS} FROM audit_log ORDER BY id DESC LIMIT ?", (int(limit),)
+        )
+        return [AuditRecord(*row) for row in rows]
+
+    # -------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and billed totals for summaries, read in one statement
+        (one consistent snapshot). Energy and cost sum the tickets, i.e.
+        what was billed."""
+        row = self._one(
+            """
+            SELECT
+                (SELECT COUNT(*) FROM charging_points),
+                (SELECT COUNT(*) FROM drivers),
+                (SELECT COUNT(*) FROM sessions WHERE status = 'authorized'),
+                (SELECT COUNT(*) FROM sessions WHERE status = 'supplying'),
+                (SELECT COUNT(*) FROM sessions WHERE status = 'completed'),
+                (SELECT COUNT(*) FROM sessions WHERE status = 'cancelled'),
+                (SELECT COUNT(*) FROM tickets),
+                (SELECT COUNT(*) FROM tickets WHERE acked_at IS NULL),
+                (SELECT COALESCE(SUM(energy_kwh), 0.0) FROM tickets),
+                (SELECT COALESCE(SUM(cost_eur), 0.0) FROM tickets),
+                (SELECT COALESCE(SUM(cost_cents), 0) FROM tickets)
+            """
+        )
+        assert row is not None
+        (cps, drivers, authorized, supplying, completed, cancelled,
+         tickets, unacked, energy, cost, cents) = row  # fmt: skip
+        return {
+            "charging_points": cps,
+            "drivers": drivers,
+            "sessions": {
+                "authorized": authorized,
+                "supplying": supplying,
+                "completed": completed,
+                "cancelled": cancelled,
+            },
+            "sessions_total": authorized + supplying + completed + cancelled,
+            "tickets": tickets,
+            "unacked_tickets": unacked,
+            "energy_kwh": float(energy),
+            "cost_eur": float(cost),
+            "cost_cents": int(cents),
+        }
