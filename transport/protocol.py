@@ -1,0 +1,728 @@
+"""Every message of the wire contract (/work/shared/PROTOCOL.md) and one JSON codec.
+
+Each message is a frozen dataclass whose ``TYPE`` is its wire ``type`` string.
+The codec is driven by the dataclass type hints: ``from_dict`` reads them (once
+per class, cached) to check presence, JSON types and the small rules carried in
+``Annotated`` metadata (ids, enumerations, lower bounds).  Anything that does
+not pass raises ``ProtocolError`` with a sentence a person can read, so an
+actor can log it, reply with an ``error`` message and carry on.
+
+Wire conventions: a message is a JSON object with a ``type`` string; unknown
+fields are ignored; optional fields may be missing or null (``encode`` writes
+them as null); floats must be finite; ids (cp_id, driver_id, session_id) are
+1-64 characters.  ``encode`` validates as well, so nothing the decoder would
+refuse ever reaches the wire.
+
+Project additions (the contract allows new types and fields):
+
+* ``cp_supply_request`` {cp_id, driver_id, correlation_id}: a supply typed at
+  the CP's own menu, Engine -> Monitor -> Central.
+* ``cp_supply_response`` {correlation_id, cp_id, status: "authorized" |
+  "denied", session_id?, reason?}: Central -> Monitor -> Engine.
+* ``supply_started`` / ``supply_ended`` carry an optional ``driver_id``;
+  ``supply_ended`` also optional ``energy_kwh`` and ``cost_eur`` (the final
+  figures, for when Central missed the Kafka completion).
+* ``heartbeat`` carries optional ``state`` (the Monitor's view, one of
+  CP_STATES) and ``supplying_session_id``.
+* ``authorize_supply`` carries ``cp_id``.
+* ``stop_charging_response`` carries optional ``session_id`` and ``reason``.
+* Energy, cost, price and power are never negative; telemetry ``seq`` >= 1.
+"""
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import MappingProxyType, NoneType, UnionType
+from typing import Annotated, Any, ClassVar, Mapping, Union, get_args, get_origin, get_type_hints
+
+# --------------------------------------------------------------------------- enumerations
+
+END_REASONS = frozenset(
+    {"unplugged", "driver_stop", "central_stop", "fault", "monitor_lost", "engine_recovered"}
+)
+SUPPLY_EVENTS = frozenset(
+    {"requested", "waiting_cp", "authorized", "denied", "plugged_in", "fault", "stopped",
+     "central_unavailable"}
+)
+CP_STATES = frozenset({"ACTIVE", "STOPPED", "SUPPLYING", "BROKEN", "DISCONNECTED"})
+AUTHORIZATION_STATUSES = frozenset({"authorized", "denied"})
+REGISTER_STATUSES = frozenset({"accepted", "denied"})
+
+ID_MAX_LEN = 64
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not fit the contract.
+
+    ``correlation_id`` is set when the bad message carried a readable one, so
+    the receiver can echo it in its ``error`` reply.
+    """
+
+    def __init__(self, reason: str, correlation_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.correlation_id = correlation_id
+
+
+# --------------------------------------------------------------------------- field rules
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """Rule: the string is one of ``values``."""
+
+    values: frozenset[str]
+
+    def complaint(self, value: str) -> str | None:
+        if value in self.values:
+            return None
+        return f"must be one of {', '.join(sorted(self.values))}"
+
+
+@dataclass(frozen=True, slots=True)
+class AtLeast:
+    """Rule: the number is >= ``minimum``."""
+
+    minimum: float
+
+    def complaint(self, value: float) -> str | None:
+        return None if value >= self.minimum else f"must be at least {self.minimum:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdRule:
+    """Rule: an id is a non-empty string of at most ID_MAX_LEN characters."""
+
+    def complaint(self, value: str) -> str | None:
+        if not value:
+            return "must not be empty"
+        if len(value) > ID_MAX_LEN:
+            return f"must be at most {ID_MAX_LEN} characters long"
+        return None
+
+
+Id = Annotated[str, IdRule()]
+EndReason = Annotated[str, OneOf(END_REASONS)]
+CpState = Annotated[str, OneOf(CP_STATES)]
+AuthStatus = Annotated[str, OneOf(AUTHORIZATION_STATUSES)]
+NonNegative = Annotated[float, AtLeast(0)]
+Seq = Annotated[int, AtLeast(1)]
+
+
+def new_id() -> str:
+    """A fresh unique id (uuid4 hex) for message_id, correlation_id, session_id."""
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------- nested values
+
+
+@dataclass(frozen=True, slots=True)
+class CpInfo:
+    """One charging point in an available_cps_response."""
+
+    cp_id: Id
+    location: str
+    price_eur_kwh: NonNegative
+    state: CpState
+
+
+@dataclass(frozen=True, slots=True)
+class TicketInfo:
+    """A ticket the driver has not acknowledged yet, inside driver_hello_response."""
+
+    session_id: Id
+    cp_id: Id
+    price_eur_kwh: NonNegative
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    started_at: float
+    ended_at: float
+    end_reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveSessionInfo:
+    """The driver's live supply, inside driver_hello_response."""
+
+    session_id: Id
+    cp_id: Id
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    state: str
+    started_at: float | None = None  # None until the vehicle is plugged in
+
+
+# --------------------------------------------------------------------------- driver_requests
+
+
+@dataclass(frozen=True, slots=True)
+class AvailableCpsRequest:
+    """Driver -> Central: list the charging points."""
+
+    TYPE: ClassVar[str] = "available_cps_request"
+    driver_id: Id
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    """Driver -> Central: start a supply at cp_id."""
+
+    TYPE: ClassVar[str] = "charge_request"
+    driver_id: Id
+    cp_id: Id
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopChargingRequest:
+    """Driver -> Central: end the supply session_id."""
+
+    TYPE: ClassVar[str] = "stop_charging_request"
+    driver_id: Id
+    session_id: Id
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DriverHello:
+    """Driver -> Central, on every (re)start: what is live and unacknowledged for me?"""
+
+    TYPE: ClassVar[str] = "driver_hello"
+    driver_id: Id
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TicketAck:
+    """Driver -> Central: ticket session_id received, stop resending it."""
+
+    TYPE: ClassVar[str] = "ticket_ack"
+    driver_id: Id
+    session_id: Id
+
+
+# --------------------------------------------------------------------------- driver_responses
+
+
+@dataclass(frozen=True, slots=True)
+class AvailableCpsResponse:
+    """Central -> Driver: answer to available_cps_request."""
+
+    TYPE: ClassVar[str] = "available_cps_response"
+    driver_id: Id
+    correlation_id: str
+    charging_points: tuple[CpInfo, ...]
+    status: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResponse:
+    """Central -> Driver: answer to charge_request (reason says why when denied)."""
+
+    TYPE: ClassVar[str] = "charge_response"
+    driver_id: Id
+    correlation_id: str
+    status: AuthStatus
+    cp_id: Id
+    session_id: Id | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyEvent:
+    """Central -> Driver: one step of a supply (requested, authorized, fault, ...)."""
+
+    TYPE: ClassVar[str] = "supply_event"
+    driver_id: Id
+    session_id: Id
+    cp_id: Id
+    event: Annotated[str, OneOf(SUPPLY_EVENTS)]
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargingStatusUpdate:
+    """Central -> Driver: live consumption of the driver's supply."""
+
+    TYPE: ClassVar[str] = "charging_status_update"
+    driver_id: Id
+    session_id: Id
+    cp_id: Id
+    seq: Seq
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    power_kw: NonNegative
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Central -> Driver: the final bill of a supply."""
+
+    TYPE: ClassVar[str] = "ticket"
+    driver_id: Id
+    session_id: Id
+    cp_id: Id
+    price_eur_kwh: NonNegative
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    started_at: float
+    ended_at: float
+    end_reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class StopChargingResponse:
+    """Central -> Driver: answer to stop_charging_request."""
+
+    TYPE: ClassVar[str] = "stop_charging_response"
+    driver_id: Id
+    correlation_id: str
+    status: str
+    session_id: Id | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DriverHelloResponse:
+    """Central -> Driver: answer to driver_hello (live supply, unacknowledged tickets)."""
+
+    TYPE: ClassVar[str] = "driver_hello_response"
+    driver_id: Id
+    correlation_id: str
+    tickets: tuple[TicketInfo, ...]
+    status: str = "ok"
+    active_session: ActiveSessionInfo | None = None
+
+
+# --------------------------------------------------------------------------- Kafka from the Engine
+
+
+@dataclass(frozen=True, slots=True)
+class ChargingData:
+    """Engine -> Central (charging_session_data): telemetry, once a second while supplying."""
+
+    TYPE: ClassVar[str] = "charging_data"
+    cp_id: Id
+    session_id: Id
+    driver_id: Id
+    seq: Seq
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    power_kw: NonNegative
+    message_id: str = field(default_factory=new_id)
+    timestamp: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCompletion:
+    """Engine -> Central (charging_session_complete): end of a supply; may repeat, billed once."""
+
+    TYPE: ClassVar[str] = "charge_completion"
+    cp_id: Id
+    session_id: Id
+    driver_id: Id
+    energy_kwh: NonNegative
+    cost_eur: NonNegative
+    end_reason: EndReason
+    message_id: str = field(default_factory=new_id)
+    timestamp: float = field(default_factory=time.time)
+
+
+# --------------------------------------------------------------------------- Monitor -> Central
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequest:
+    """Monitor -> Central: authenticate this CP (location only for a new CP)."""
+
+    TYPE: ClassVar[str] = "register_request"
+    cp_id: Id
+    correlation_id: str
+    location: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterResponse:
+    """Central -> Monitor: answer to register_request; the price comes from Central."""
+
+    TYPE: ClassVar[str] = "register_response"
+    correlation_id: str
+    status: Annotated[str, OneOf(REGISTER_STATUSES)]
+    reason: str | None = None
+    price_eur_kwh: NonNegative | None = None
+    location: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Monitor -> Central: the life message, every second."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    cp_id: Id
+    engine_ok: bool
+    state: CpState | None = None
+    supplying_session_id: Id | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultNotification:
+    """Engine -> Monitor -> Central (or Monitor -> Central): the CP is broken."""
+
+    TYPE: ClassVar[str] = "fault_notification"
+    cp_id: Id
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FaultCleared:
+    """Engine -> Monitor -> Central (or Monitor -> Central): the CP works again."""
+
+    TYPE: ClassVar[str] = "fault_cleared"
+    cp_id: Id
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyAuthorizationResponse:
+    """Monitor -> Central: the CP's answer to authorize_supply."""
+
+    TYPE: ClassVar[str] = "supply_authorization_response"
+    correlation_id: str
+    session_id: Id
+    accepted: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyStarted:
+    """Engine -> Monitor -> Central: the vehicle is plugged in, energy flows."""
+
+    TYPE: ClassVar[str] = "supply_started"
+    cp_id: Id
+    session_id: Id
+    driver_id: Id | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyEnded:
+    """Engine -> Monitor -> Central: the supply is over (final figures when known)."""
+
+    TYPE: ClassVar[str] = "supply_ended"
+    cp_id: Id
+    session_id: Id
+    end_reason: EndReason
+    driver_id: Id | None = None
+    energy_kwh: NonNegative | None = None
+    cost_eur: NonNegative | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CpSupplyRequest:
+    """Engine -> Monitor -> Central: a supply typed at the CP's own menu (addition)."""
+
+    TYPE: ClassVar[str] = "cp_supply_request"
+    cp_id: Id
+    driver_id: Id
+    correlation_id: str
+
+
+# --------------------------------------------------------------------------- Central -> Monitor -> Engine
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeSupply:
+    """Central -> Monitor -> Engine: get ready to supply driver_id."""
+
+    TYPE: ClassVar[str] = "authorize_supply"
+    correlation_id: str
+    session_id: Id
+    driver_id: Id
+    price_eur_kwh: NonNegative
+    cp_id: Id
+
+
+@dataclass(frozen=True, slots=True)
+class StopSupply:
+    """Central -> Monitor -> Engine: end supply session_id now."""
+
+    TYPE: ClassVar[str] = "stop_supply"
+    session_id: Id
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopCp:
+    """Central -> Monitor -> Engine: out of order (ends any supply) until resume_cp."""
+
+    TYPE: ClassVar[str] = "stop_cp"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeCp:
+    """Central -> Monitor -> Engine: back in service after stop_cp."""
+
+    TYPE: ClassVar[str] = "resume_cp"
+
+
+@dataclass(frozen=True, slots=True)
+class CpSupplyResponse:
+    """Central -> Monitor -> Engine: answer to cp_supply_request (addition)."""
+
+    TYPE: ClassVar[str] = "cp_supply_response"
+    correlation_id: str
+    cp_id: Id
+    status: AuthStatus
+    session_id: Id | None = None
+    reason: str | None = None
+
+
+# --------------------------------------------------------------------------- Monitor <-> Engine
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Monitor -> Engine: the confirmed CP id and Central's price."""
+
+    TYPE: ClassVar[str] = "hello"
+    cp_id: Id
+    price_eur_kwh: NonNegative
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Monitor -> Engine: are you OK? (every second)"""
+
+    TYPE: ClassVar[str] = "health_check"
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """Engine -> Monitor: answer to health_check with the same seq."""
+
+    TYPE: ClassVar[str] = "health_status"
+    seq: int
+    ok: bool
+
+
+# --------------------------------------------------------------------------- any link
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    """Any receiver -> the sender of a message it could not accept."""
+
+    TYPE: ClassVar[str] = "error"
+    reason: str
+    correlation_id: str | None = None
+
+
+Message = Union[
+    AvailableCpsRequest, ChargeRequest, StopChargingRequest, DriverHello, TicketAck,
+    AvailableCpsResponse, ChargeResponse, SupplyEvent, ChargingStatusUpdate, Ticket,
+    StopChargingResponse, DriverHelloResponse,
+    ChargingData, ChargeCompletion,
+    RegisterRequest, RegisterResponse, Heartbeat, FaultNotification, FaultCleared,
+    SupplyAuthorizationResponse, SupplyStarted, SupplyEnded, CpSupplyRequest,
+    AuthorizeSupply, StopSupply, StopCp, ResumeCp, CpSupplyResponse,
+    Hello, HealthCheck, HealthStatus,
+    ErrorMessage,
+]
+"""Any registered message."""
+
+_REGISTRY: dict[str, type] = {cls.TYPE: cls for cls in get_args(Message)}
+assert len(_REGISTRY) == len(get_args(Message)), "two message classes share a TYPE"
+
+
+def message_types() -> Mapping[str, type]:
+    """Wire type string -> message class (read-only)."""
+    return MappingProxyType(_REGISTRY)
+
+
+def correlation_of(msg: object) -> str | None:
+    """The message's correlation_id, or None when it has none."""
+    return getattr(msg, "correlation_id", None)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldSpec:
+    name: str
+    hint: Any
+    required: bool
+
+
+_SPECS: dict[type, tuple[_FieldSpec, ...]] = {}
+
+
+def _specs(cls: type) -> tuple[_FieldSpec, ...]:
+    """The fields of a dataclass with resolved hints; computed once per class."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        hints = get_type_hints(cls, include_extras=True)
+        specs = tuple(
+            _FieldSpec(
+                f.name,
+                hints[f.name],
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        )
+        _SPECS[cls] = specs
+    return specs
+
+
+def _show(value: Any) -> str:
+    """A short rendering of an offending value for error messages."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if value is None:
+        return "null"
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a huge number"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _convert(value: Any, hint: Any, path: str, kind: str) -> Any:
+    """Check ``value`` against a type hint and return it in Python form.
+
+    ``path`` names the field ("seq", "tickets[0].cost_eur") and ``kind`` the
+    message type, both only for error messages.
+    """
+    where = f"field '{path}' of {kind}"
+    origin = get_origin(hint)
+    if origin is Annotated:
+        base, *rules = get_args(hint)
+        value = _convert(value, base, path, kind)
+        for rule in rules:
+            problem = rule.complaint(value)
+            if problem:
+                raise ProtocolError(f"{where} {problem}, got {_show(value)}")
+        return value
+    if origin is Union or origin is UnionType:  # only ever X | None here
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(hint) if a is not NoneType]
+        return _convert(value, inner, path, kind)
+    if origin is tuple:  # tuple[X, ...]
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"{where} must be an array, got {_show(value)}")
+        item = get_args(hint)[0]
+        return tuple(_convert(v, item, f"{path}[{i}]", kind) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be an object, got {_show(value)}")
+        return _build(hint, value, kind, f"{path}.")
+    ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ProtocolError(f"{where} must be {_KIND[hint]}, got {_show(value)}")
+    if hint is float:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ProtocolError(f"{where} must be a finite number, got {_show(value)}")
+        value = number
+    elif hint is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{where} contains characters that are not valid Unicode") from None
+    return value
+
+
+def _build(cls: type, data: dict, kind: str, prefix: str = "") -> Any:
+    """Validate ``data`` against the fields of ``cls`` and construct it."""
+    kwargs = {}
+    for spec in _specs(cls):
+        value = data.get(spec.name)
+        if value is None and not spec.required:
+            continue  # null counts as missing: the dataclass default applies
+        if value is None and spec.name not in data:
+            raise ProtocolError(f"{kind} is missing required field '{prefix}{spec.name}'")
+        kwargs[spec.name] = _convert(value, spec.hint, prefix + spec.name, kind)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> Message:
+    """Build a message from a decoded JSON object; ProtocolError when it does not fit."""
+    if not isinstance(d, dict):
+        raise ProtocolError(f"message must be a JSON object, got {_show(d)}")
+    corr = d.get("correlation_id")
+    corr = corr if isinstance(corr, str) and 0 < len(corr) <= 200 else None
+    if "type" not in d:
+        raise ProtocolError("message has no 'type' field", corr)
+    kind = d["type"]
+    if not isinstance(kind, str):
+        raise ProtocolError(f"message 'type' must be a string, got {_show(kind)}", corr)
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {_show(kind)}", corr)
+    try:
+        return _build(cls, d, kind)
+    except ProtocolError as exc:
+        exc.correlation_id = corr
+        raise
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses to dicts and tuples to lists, recursively (JSON-shaped)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(msg: Message) -> dict:
+    """The JSON-shaped dict of a message, "type" first."""
+    cls = type(msg)
+    if _REGISTRY.get(getattr(cls, "TYPE", None)) is not cls:
+        raise TypeError(f"{cls.__name__} is not a protocol message")
+    return {"type": msg.TYPE, **_plain(msg)}
+
+
+def encode(msg: Message) -> bytes:
+    """Compact UTF-8 JSON; validated first, so the peer's decoder will accept it."""
+    data = to_dict(msg)
+    from_dict(data)
+    return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def decode(data: bytes | bytearray | memoryview | str) -> Message:
+    """Parse one message from UTF-8 JSON; ProtocolError for anything unacceptable."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("message is not UTF-8") from None
+    if not isinstance(data, str):
+        raise ProtocolError(f"message must be bytes or text, got {type(data).__name__}")
+    try:
+        obj = json.loads(data, parse_constant=_no_constants)
+    except RecursionError:
+        raise ProtocolError("message is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    return from_dict(obj)
