@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+## make test: the whole suite (real broker, real sockets, real SQLite, real processes)
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make test-fast: everything but the multi-process scenarios
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## make demo: a whole network on this machine, no typing needed
+demo: $(STAMP)
+	$(VENV)/bin/evcharging up --cps 3 --drivers 2 --services 10
+
+## make bench: speed and scale figures (prints a table; does not gate CI)
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) run .pytest_cache *.egg-info
