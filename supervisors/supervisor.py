@@ -254,6 +254,21 @@ def _describe(error: BaseException | None) -> str:
     return f"crashed ({type(error).__name__}: {text})" if str(error) else f"crashed ({text})"
 
 
+def spawner(supervisor: pykka.ActorRef[Supervisor], timeout: float = 10.0) -> Callable[..., Any]:
+    """A ``spawn(name, cls, args, kwargs)`` function for transport actors.
+
+    Transport cannot import this module; the wiring code hands it this
+    function instead, which starts a *temporary* child of ``supervisor``.
+    Call it from a plain thread, never from the supervisor's own thread.
+    """
+
+    def spawn(name: str, actor_class: type[SupervisedActor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        spec = ChildSpec(name, actor_class, args, kwargs, restart="temporary")
+        return supervisor.ask(StartChild(spec), timeout=timeout)
+
+    return spawn
+
+
 def start_tree(
     name: str,
     children: list[ChildSpec],

@@ -1,0 +1,189 @@
+"""Framed socket actors over real loopback sockets: the happy path and abuse."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from supervisors.supervisor import ChildSpec, StartChild, Supervisor, spawner, start_tree
+from transport import framing, protocol
+from transport.broker import free_port
+from transport.client_link import ClientLink
+from transport.frame_client import FrameClient
+from transport.link import FrameIn, LinkDown, LinkOptions, LinkStats, LinkUp, Send
+from transport.listener import Listener
+from transport.runtime import Directory, SupervisedActor, Supervision
+from tests.waiting import wait_until
+
+
+class Owner(SupervisedActor):
+    """Records what its links tell it; echoes heartbeats back as ErrorMessage."""
+
+    def __init__(self, *, supervision: Supervision | None = None) -> None:
+        super().__init__(supervision=supervision)
+        self.events: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case LinkUp() | LinkDown():
+                self.events.append(message)
+            case FrameIn(link, msg):
+                self.events.append(message)
+                if isinstance(msg, protocol.Heartbeat):
+                    link.tell(Send(protocol.ErrorMessage(reason=f"echo {msg.cp_id}")))
+            case "events":
+                return list(self.events)
+        return None
+
+
+def frames_in(directory: Directory) -> list[Any]:
+    return [e.message for e in directory.get("owner").ask("events") if isinstance(e, FrameIn)]
+
+
+@pytest.fixture
+def server() -> tuple[Directory, int]:
+    directory = Directory()
+    tree = start_tree("t", [ChildSpec("owner", Owner), ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
+                      directory=directory)
+    spawn = spawner(directory.get("conns"))
+    tree.ask(StartChild(ChildSpec(
+        "listener", Listener, ("127.0.0.1", 0, "owner", directory, spawn),
+        {"max_connections": 50, "options": LinkOptions(ack_timeout=0.5, max_garbage=4096)})))
+    port = directory.get("listener").ask("port")
+    yield directory, port
+    tree.stop()
+
+
+def heartbeat(cp: str = "CP1") -> dict[str, Any]:
+    return protocol.to_dict(protocol.Heartbeat(cp_id=cp, engine_ok=True))
+
+
+def raw_session(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(bytes([framing.ENQ]))
+    assert s.recv(1) == bytes([framing.ACK])
+    return s
+
+
+def test_round_trip_and_reply(server) -> None:
+    directory, port = server
+    with FrameClient.connect("127.0.0.1", port, name="CENTRAL") as client:
+        client.send_json(heartbeat())
+        wait_until(lambda: frames_in(directory) == [protocol.Heartbeat(cp_id="CP1", engine_ok=True)])
+        assert client.recv_json(timeout=5) == {"type": "error", "reason": "echo CP1", "correlation_id": None}
+    wait_until(lambda: any(isinstance(e, LinkDown) for e in directory.get("owner").ask("events")), what="LinkDown")
+
+
+def test_bad_lrc_bad_json_oversized_are_nacked_and_the_link_survives(server) -> None:
+    directory, port = server
+    s = raw_session(port)
+    good = framing.encode_frame(protocol.encode(protocol.Heartbeat(cp_id="CP2", engine_ok=False)))
+    s.sendall(good[:-1] + bytes([good[-1] ^ 0xFF]))  # bad LRC
+    assert s.recv(1) == bytes([framing.NACK])
+    s.sendall(framing.encode_frame(b"{not json"))
+    assert s.recv(1) == bytes([framing.NACK])
+    s.sendall(bytes([framing.STX]) + b"x" * (framing.MAX_DATA + 10) + bytes([framing.ETX, 0]))
+    assert s.recv(1) == bytes([framing.NACK])
+    s.sendall(good)
+    assert s.recv(1) == bytes([framing.ACK])
+    wait_until(lambda: protocol.Heartbeat(cp_id="CP2", engine_ok=False) in frames_in(directory))
+    s.close()
+
+
+def test_valid_json_but_bad_message_gets_ack_and_an_error_reply(server) -> None:
+    _, port = server
+    with FrameClient.connect("127.0.0.1", port) as client:
+        client.send_json({"type": "register_request", "correlation_id": "c9"})  # cp_id missing
+        reply = client.recv_json(timeout=5)
+        assert reply["type"] == "error" and reply["correlation_id"] == "c9" and "cp_id" in reply["reason"]
+
+
+def test_unanswered_frame_is_resent_then_link_dropped(server) -> None:
+    directory, port = server
+    s = raw_session(port)
+    s.sendall(framing.encode_frame(protocol.encode(protocol.Heartbeat(cp_id="CP3", engine_ok=True))))
+    assert s.recv(1) == bytes([framing.ACK])
+    # we never ACK the echo: it is sent 1 + 3 times, then the link gives up
+    decoder, frames = framing.FrameDecoder(), []
+    s.settimeout(5)
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        frames += [e for e in decoder.feed(chunk) if isinstance(e, framing.Frame)]
+    assert len(frames) == 4
+
+
+def test_garbage_half_frames_and_connection_churn_leave_the_server_serving(server) -> None:
+    directory, port = server
+    # pure garbage: dropped after max_garbage bytes
+    g = raw_session(port)
+    g.sendall(b"\xaa" * 10_000)
+    g.settimeout(5)
+    assert g.recv(100) == b""
+    # half a frame, then silence: harmless
+    h = raw_session(port)
+    h.sendall(bytes([framing.STX]) + b'{"type": "heart')
+    # 300 connections opened and dropped, with and without a handshake
+    for i in range(300):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if i % 2:
+            c.sendall(bytes([framing.ENQ]))
+        c.close()
+    with FrameClient.connect("127.0.0.1", port) as client:
+        client.send_json(heartbeat("CP4"))
+        assert client.recv_json(timeout=5)["reason"] == "echo CP4"
+    h.close()
+    wait_until(lambda: directory.get("listener").ask("connections") == 0, what="all connection actors gone")
+
+
+def test_full_listener_answers_nack(server) -> None:
+    directory, port = server
+    clients = [FrameClient.connect("127.0.0.1", port) for _ in range(50)]
+    wait_until(lambda: directory.get("listener").ask("connections") == 50)
+    from transport.frame_client import HandshakeRefused
+
+    with pytest.raises(HandshakeRefused):
+        FrameClient.connect("127.0.0.1", port)
+    for c in clients:
+        c.close()
+
+
+class CrashableLink(ClientLink):
+    def on_other(self, message: Any) -> Any:
+        if message == "crash":
+            raise RuntimeError("injected")
+        return super().on_other(message)
+
+
+def test_client_link_retries_until_the_server_appears_and_restarts_after_a_crash(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="evcharging")
+    port = free_port()
+    directory = Directory()
+    tree = start_tree("t", [
+        ChildSpec("owner", Owner),
+        ChildSpec("conns", Supervisor, ("conns",), {"directory": directory}),
+        ChildSpec("link", CrashableLink, ("127.0.0.1", port, "owner", directory),
+                  {"peer_name": "CENTRAL", "retry_base": 0.05, "retry_max": 0.2}),
+    ], directory=directory, backoff_base=0.01)
+    wait_until(lambda: any("Cannot reach CENTRAL at 127.0.0.1" in r.getMessage() for r in caplog.records),
+               what="a plain retry message")
+    server_dir = directory
+    tree.ask(StartChild(ChildSpec(
+        "listener", Listener, ("127.0.0.1", port, "owner", server_dir, spawner(directory.get("conns"))))))
+    ups = lambda: [e for e in directory.get("owner").ask("events") if isinstance(e, LinkUp)]  # noqa: E731
+    wait_until(lambda: len(ups()) >= 2, what="both ends up")  # client side and server side
+    link = directory.get("link")
+    link.tell(Send(protocol.Heartbeat(cp_id="CP5", engine_ok=True)))
+    wait_until(lambda: protocol.Heartbeat(cp_id="CP5", engine_ok=True) in frames_in(directory))
+    link.tell("crash")
+    wait_until(lambda: directory.get("link") not in (None, link), what="supervisor restarted the link")
+    wait_until(lambda: len(ups()) >= 4, what="reconnected after the restart")
+    directory.get("link").tell(Send(protocol.Heartbeat(cp_id="CP6", engine_ok=True)))
+    wait_until(lambda: protocol.Heartbeat(cp_id="CP6", engine_ok=True) in frames_in(directory))
+    assert directory.get("link").ask(LinkStats())["connected"]
+    tree.stop()

@@ -1,0 +1,423 @@
+"""A framed socket seen as an actor: bytes in, typed messages out, and back.
+
+:class:`FramedLink` is the shared base of the two socket actors:
+``ServerConnection`` (one per accepted peer) and ``ClientLink`` (the
+connecting side, with its own reconnect loop). It owns one socket:
+
+* a reader thread ``recv``s, feeds the :class:`~transport.framing.FrameDecoder`
+  and ``tell``s the events to the actor; a semaphore bounds how many batches
+  may wait in the mailbox, so a flooding peer is slowed by TCP back-pressure
+  instead of growing our memory;
+* the actor ACKs or NACKs each frame, decodes it and tells its *owner*
+  :class:`FrameIn`; outgoing :class:`Send` messages are sent one at a time
+  (stop-and-wait), resent on NACK or ACK timeout at most ``retries`` times.
+
+Garbage, bad frames and bad JSON are answered and logged, never raised; a
+peer that sends nothing but garbage is dropped. The owner is looked up by
+name in the :class:`~transport.runtime.Directory` at send time, so it may be
+restarted under our feet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pykka
+
+from transport import framing, protocol
+from transport.runtime import Directory, SupervisedActor, Supervision, schedule
+
+log = logging.getLogger("evcharging.link")
+
+
+# --- messages between a link and its owner ----------------------------------
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    """The link is connected and the ENQ/ACK handshake is done."""
+
+    link: pykka.ActorRef[Any]
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class FrameIn:
+    """A valid protocol message arrived on ``link``."""
+
+    link: pykka.ActorRef[Any]
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    """The link lost its peer (``reason`` is a sentence)."""
+
+    link: pykka.ActorRef[Any]
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Owner → link: send one protocol message as a frame."""
+
+    message: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Owner → link: say EOT and close."""
+
+    reason: str = "closed by owner"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Ask: counters of this link (frames in/out, NACKs, garbage...)."""
+
+
+# --- internal ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Events:
+    sock_id: int
+    events: tuple[framing.Event, ...]
+    slots: threading.BoundedSemaphore  # released when handled: bounds the mailbox
+
+
+@dataclass(frozen=True, slots=True)
+class _ReaderClosed:
+    sock_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _AckTimeout:
+    sock_id: int
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkOptions:
+    """Tunables of a framed link; every one is a flag somewhere up the stack."""
+
+    max_data: int = framing.MAX_DATA
+    ack_timeout: float = 2.0
+    retries: int = 3
+    max_queue: int = 1000
+    max_bad_frames: int = 20
+    max_garbage: int = 64 * 1024
+    io_timeout: float = 5.0
+    mailbox_batches: int = 64
+
+
+class FramedLink(SupervisedActor):
+    """Framing state machine over one socket at a time (see module docstring)."""
+
+    def __init__(
+        self,
+        owner: str,
+        directory: Directory,
+        *,
+        options: LinkOptions = LinkOptions(),
+        component: str = "link",
+        supervision: Supervision | None = None,
+    ) -> None:
+        super().__init__(supervision=supervision)
+        self.owner = owner
+        self.directory = directory
+        self.options = options
+        self.component = component
+        self.peer = "?"
+        self._sock: socket.socket | None = None
+        self._sock_id = 0
+        self._reader: threading.Thread | None = None
+        self._outbox: deque[bytes] = deque()
+        self._in_flight: bytes | None = None
+        self._serial = 0
+        self._attempts = 0
+        self._ack_timer: threading.Timer | None = None
+        self._bad_streak = 0
+        self._garbage = 0
+        self.stats = {"frames_in": 0, "frames_out": 0, "nacks_sent": 0, "nacks_received": 0,
+                      "resends": 0, "garbage_bytes": 0, "errors_sent": 0}
+
+    # --- hooks for subclasses ----------------------------------------------
+    def on_link_lost(self, reason: str) -> None:
+        """Called once the socket is gone; the default stops the actor."""
+        self.actor_ref.stop(block=False)
+
+    def on_other(self, message: Any) -> Any:
+        """Messages the base class does not know."""
+        log.warning("%s: ignoring unexpected %s", self.component, type(message).__name__)
+        return None
+
+    # --- socket lifecycle ----------------------------------------------------
+    def attach(self, sock: socket.socket, peer: str) -> None:
+        """Start framing over a socket whose ENQ/ACK handshake is done."""
+        self._sock_id += 1
+        self._sock = sock
+        self.peer = peer
+        self._bad_streak = self._garbage = 0
+        sock.settimeout(self.options.io_timeout)
+        slots = threading.BoundedSemaphore(self.options.mailbox_batches)
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(sock, self._sock_id, slots),
+            name=f"{self.component}-reader", daemon=True,
+        )
+        self._reader.start()
+        self._tell_owner(LinkUp(self.actor_ref, peer))
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def detach(self, reason: str, polite: bool = False) -> None:
+        """Close the current socket (EOT first if ``polite``) and tell the owner."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._sock_id += 1  # events still queued from the old socket are now stale
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._outbox.clear()
+        self._in_flight = None
+        try:
+            if polite:
+                sock.sendall(bytes([framing.EOT]))
+        except OSError:
+            pass
+        _close_socket(sock)
+        self._tell_owner(LinkDown(self.actor_ref, self.peer, reason))
+        self.on_link_lost(reason)
+
+    def teardown(self) -> None:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            try:
+                sock.sendall(bytes([framing.EOT]))
+            except OSError:
+                pass
+            _close_socket(sock)
+            self._tell_owner(LinkDown(self.actor_ref, self.peer, "link stopped"))
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=self.options.io_timeout + 1)
+
+    # --- messages ------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case _Events(sock_id, events, slots):
+                slots.release()
+                if sock_id == self._sock_id:
+                    self._on_events(events)
+            case _ReaderClosed(sock_id, reason):
+                if sock_id == self._sock_id:
+                    self.detach(reason)
+            case Send(msg):
+                return self._send(msg)
+            case _AckTimeout(sock_id, serial):
+                if sock_id == self._sock_id and serial == self._serial and self._in_flight is not None:
+                    self._retransmit(f"no ACK within {self.options.ack_timeout:g} s")
+            case Close(reason):
+                self.detach(reason, polite=True)
+            case LinkStats():
+                return dict(self.stats, connected=self.connected, queued=len(self._outbox))
+            case _:
+                return self.on_other(message)
+        return None
+
+    # --- inbound -----------------------------------------------------------
+    def _on_events(self, events: tuple[framing.Event, ...]) -> None:
+        for event in events:
+            if self._sock is None:
+                return
+            match event:
+                case framing.Frame(data):
+                    self._on_frame(data)
+                case framing.Control(code):
+                    self._on_control(code)
+                case framing.BadFrame(reason):
+                    self.stats["nacks_sent"] += 1
+                    self._bad_streak += 1
+                    log.warning("%s: bad frame from %s (%s) — answered NACK", self.component, self.peer, reason)
+                    self._write(bytes([framing.NACK]))
+                    if self._bad_streak > self.options.max_bad_frames:
+                        self.detach(f"{self.peer} sent {self._bad_streak} bad frames in a row")
+                case framing.Garbage(count):
+                    self.stats["garbage_bytes"] += count
+                    self._garbage += count
+                    if self._garbage > self.options.max_garbage:
+                        self.detach(f"{self.peer} sent {self._garbage} bytes that are not frames")
+
+    def _on_frame(self, data: bytes) -> None:
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.stats["nacks_sent"] += 1
+            self._bad_streak += 1
+            log.warning("%s: frame from %s is not a JSON object (%s) — answered NACK", self.component, self.peer, exc)
+            self._write(bytes([framing.NACK]))
+            return
+        self._bad_streak = 0
+        self._garbage = 0
+        self.stats["frames_in"] += 1
+        self._write(bytes([framing.ACK]))
+        try:
+            message = protocol.from_dict(obj)
+        except protocol.ProtocolError as exc:
+            log.warning("%s: rejected a message from %s: %s", self.component, self.peer, exc)
+            self.stats["errors_sent"] += 1
+            correlation = obj.get("correlation_id") if isinstance(obj.get("correlation_id"), str) else None
+            self._send(protocol.ErrorMessage(reason=str(exc), correlation_id=correlation))
+            return
+        self._tell_owner(FrameIn(self.actor_ref, message))
+
+    def _on_control(self, code: int) -> None:
+        if code == framing.ACK:
+            if self._in_flight is not None:
+                self._in_flight = None
+                self._attempts = 0
+                if self._ack_timer is not None:
+                    self._ack_timer.cancel()
+                    self._ack_timer = None
+                self._pump_out()
+        elif code == framing.NACK:
+            self.stats["nacks_received"] += 1
+            if self._in_flight is not None:
+                self._retransmit("the peer answered NACK")
+        elif code == framing.EOT:
+            self.detach(f"{self.peer} closed the session (EOT)")
+        elif code == framing.ENQ:
+            self._write(bytes([framing.ACK]))  # a peer re-opening the session: harmless
+
+    # --- outbound ----------------------------------------------------------
+    def _send(self, message: Any) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            frame = framing.encode_frame(protocol.encode(message), self.options.max_data)
+        except (protocol.ProtocolError, ValueError) as exc:
+            log.error("%s: cannot send %s to %s: %s", self.component, type(message).__name__, self.peer, exc)
+            return False
+        if len(self._outbox) >= self.options.max_queue:
+            self.detach(f"{self.peer} is not reading: {self.options.max_queue} frames waiting")
+            return False
+        self._outbox.append(frame)
+        self._pump_out()
+        return True
+
+    def _pump_out(self) -> None:
+        if self._in_flight is not None or not self._outbox or self._sock is None:
+            return
+        self._in_flight = self._outbox.popleft()
+        self._attempts = 0
+        self._transmit()
+
+    def _transmit(self) -> None:
+        assert self._in_flight is not None
+        self._serial += 1
+        self._attempts += 1
+        self.stats["frames_out"] += 1
+        if self._write(self._in_flight):
+            self._ack_timer = schedule(
+                self.options.ack_timeout, self.actor_ref, _AckTimeout(self._sock_id, self._serial)
+            )
+
+    def _retransmit(self, why: str) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._attempts > self.options.retries:
+            self.detach(f"{self.peer} did not accept a frame after {self._attempts} attempts ({why})")
+            return
+        self.stats["resends"] += 1
+        self._transmit()
+
+    def _write(self, data: bytes) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.sendall(data)
+            return True
+        except OSError as exc:
+            self.detach(f"cannot write to {self.peer}: {exc}")
+            return False
+
+    def _tell_owner(self, message: Any) -> None:
+        if not self.directory.tell(self.owner, message):
+            log.debug("%s: owner %r is not running; dropped %s", self.component, self.owner, type(message).__name__)
+
+    # --- the reader thread -------------------------------------------------
+    def _read_loop(self, sock: socket.socket, sock_id: int, slots: threading.BoundedSemaphore) -> None:
+        decoder = framing.FrameDecoder(self.options.max_data)
+        me = self.actor_ref
+        reason = "connection closed by peer"
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    if self._sock is not sock:
+                        return
+                    continue
+                if not chunk:
+                    break
+                events = decoder.feed(chunk)
+                if not events:
+                    continue
+                while not slots.acquire(timeout=self.options.io_timeout):  # back-pressure
+                    if self._sock is not sock:
+                        return
+                me.tell(_Events(sock_id, tuple(events), slots))
+        except (OSError, pykka.ActorDeadError) as exc:
+            reason = f"connection lost ({exc})"
+        try:
+            me.tell(_ReaderClosed(sock_id, reason))
+        except pykka.ActorDeadError:
+            pass
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def handshake_as_client(sock: socket.socket, timeout: float) -> None:
+    """Send ENQ and wait for ACK; raise ConnectionError with a sentence otherwise."""
+    sock.settimeout(timeout)
+    sock.sendall(bytes([framing.ENQ]))
+    answer = sock.recv(1)
+    if answer == bytes([framing.ACK]):
+        return
+    if answer == bytes([framing.NACK]):
+        raise ConnectionRefusedError("the peer refused the session (NACK), probably full")
+    raise ConnectionError("the peer did not answer the ENQ with ACK")
+
+
+def handshake_as_server(sock: socket.socket, timeout: float, accept: Callable[[], bool]) -> bool:
+    """Wait for the client's ENQ; answer ACK if ``accept()`` else NACK. True if accepted."""
+    sock.settimeout(timeout)
+    first = sock.recv(1)
+    if first != bytes([framing.ENQ]):
+        return False
+    if accept():
+        sock.sendall(bytes([framing.ACK]))
+        return True
+    sock.sendall(bytes([framing.NACK]))
+    return False
