@@ -1,0 +1,87 @@
+"""A running actor system: its top supervisor, its directory, and how to stop it.
+
+Each ``start_*`` function of ``supervisors/`` returns a :class:`RunningSystem`.
+Apps that embed the actors use only this: start, look things up, stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pykka
+
+from supervisors.supervisor import ChildSpec, start_tree
+from transport.runtime import Directory
+
+log = logging.getLogger("evcharging.system")
+
+
+@dataclass
+class RunningSystem:
+    """Handle on one started actor system (Central, a Monitor, an Engine, a Driver)."""
+
+    name: str
+    supervisor: pykka.ActorRef[Any]
+    directory: Directory
+    escalated: threading.Event = field(default_factory=threading.Event)
+    escalation_reason: str = ""
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def get(self, name: str) -> pykka.ActorRef[Any] | None:
+        """The current actor named ``name`` (children are registered by name)."""
+        return self.directory.get(name)
+
+    def ask(self, name: str, message: Any, timeout: float = 10.0) -> Any:
+        """Ask the actor named ``name``; raises LookupError when it is not running."""
+        ref = self.get(name)
+        if ref is None:
+            raise LookupError(f"{self.name}: no running actor named {name!r}")
+        return ref.ask(message, timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.supervisor.is_alive()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the whole tree, children first; safe to call twice."""
+        if self.supervisor.is_alive():
+            try:
+                self.supervisor.stop(block=True, timeout=timeout)
+            except pykka.Timeout:
+                log.warning("%s: did not stop within %.0f s", self.name, timeout)
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception as exc:
+                log.warning("%s: cleanup failed: %s", self.name, exc)
+        self.on_stop.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the system stops by itself (escalation); True if it did."""
+        return self.escalated.wait(timeout)
+
+    def __enter__(self) -> "RunningSystem":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_system(name: str, children: list[ChildSpec], directory: Directory | None = None, **options: Any) -> RunningSystem:
+    """Start ``children`` under one top supervisor named ``name``."""
+    directory = directory if directory is not None else Directory()
+    holder: dict[str, RunningSystem] = {}
+    escalated = threading.Event()
+
+    def on_escalate(reason: str) -> None:
+        if "system" in holder:
+            holder["system"].escalation_reason = reason
+        escalated.set()
+
+    ref = start_tree(name, children, directory=directory, on_escalate=on_escalate, **options)
+    system = RunningSystem(name, ref, directory, escalated)
+    holder["system"] = system
+    return system
