@@ -269,6 +269,19 @@ def spawner(supervisor: pykka.ActorRef[Supervisor], timeout: float = 10.0) -> Ca
     return spawn
 
 
+def spawner_by_name(directory: Directory, supervisor_name: str, timeout: float = 10.0) -> Callable[..., Any]:
+    """Like :func:`spawner`, but finds the supervisor by name at each call,
+    so it keeps working after that supervisor was itself restarted."""
+
+    def spawn(name: str, actor_class: type[SupervisedActor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        supervisor = directory.get(supervisor_name)
+        if supervisor is None:
+            raise RuntimeError(f"supervisor {supervisor_name!r} is not running")
+        return spawner(supervisor, timeout)(name, actor_class, args, kwargs)
+
+    return spawn
+
+
 def start_tree(
     name: str,
     children: list[ChildSpec],

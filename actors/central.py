@@ -1,0 +1,594 @@
+"""CentralActor: the CP registry, the CP state machine, authorisation and admin.
+
+Inputs, all as messages in one mailbox (so no locks and no races):
+* ``FrameIn``/``LinkUp``/``LinkDown`` from Monitor connections (socket adapter);
+* ``Delivery`` of ``driver_requests`` from its Kafka pump (asked: the pump
+  commits only after this actor answered, i.e. after the DB writes);
+* ``SessionProgress``/``SupplyFinished``/``SessionBilled`` from session actors;
+* ``ConsoleLine`` commands typed into Central's terminal;
+* its own timers: life-message check, authorisation deadlines, panel refresh.
+
+State shown to people comes from :func:`derive_state`, one pure function of
+what Central knows about a CP, so the panel cannot disagree with the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pykka
+
+from actors.console import ConsoleLine
+from actors.messages import MarkSupplying, Ready, SessionBilled, SessionProgress, SupplyFinished
+from actors.panel import CpTile, PanelSnapshot, RequestRow
+from actors.session import SessionActor
+from persistence import Conflict, Repository, SessionRecord
+from transport import protocol
+from transport.kafka import Delivery, Publish
+from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
+from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule
+
+log = logging.getLogger("evcharging.central")
+
+ACTIVE, STOPPED, SUPPLYING, BROKEN, DISCONNECTED = "ACTIVE", "STOPPED", "SUPPLYING", "BROKEN", "DISCONNECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class CentralConfig:
+    """Central's policies and timings (all flags of EV_Central)."""
+
+    db_path: str
+    enroll: str = "open"  # "open": unknown CPs are enrolled; "closed": denied
+    default_price: float = 0.30
+    default_location: str = "unknown"
+    life_timeout: float = 3.0
+    authorize_timeout: float = 5.0
+    panel_interval: float = 0.5
+
+
+@dataclass(eq=False)
+class CpView:
+    """What Central knows about one CP (mutable, private to the actor)."""
+
+    cp_id: str
+    location: str
+    price: float
+    link: pykka.ActorRef[Any] | None = None
+    last_heartbeat: float = 0.0
+    engine_ok: bool | None = None
+    stopped: bool = False
+    session_id: str | None = None
+    driver_id: str | None = None
+    supplying: bool = False
+    energy_kwh: float = 0.0
+    cost_eur: float = 0.0
+    power_kw: float = 0.0
+    fault: str | None = None
+    state: str = DISCONNECTED
+
+
+def derive_state(cp: CpView, now: float, life_timeout: float) -> str:
+    """The spec's state table (SPEC §2.3) as one function."""
+    if cp.link is None or cp.engine_ok is None or now - cp.last_heartbeat > life_timeout:
+        return DISCONNECTED
+    if not cp.engine_ok:
+        return BROKEN
+    if cp.supplying:
+        return SUPPLYING
+    if cp.stopped:
+        return STOPPED
+    return ACTIVE
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An authorisation waiting for the CP's answer."""
+
+    session_id: str
+    cp_id: str
+    driver_id: str
+    origin: str  # "driver" or "cp"
+    request_correlation: str
+    link: pykka.ActorRef[Any]
+    timer: threading.Timer | None = None
+    started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _AuthTimeout:
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CentralStatus:
+    """Ask: a dict snapshot of every CP (for tests, the launcher and tools)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminCommand:
+    """Stop or resume one CP (``cp_id``) or all of them (``cp_id=None``)."""
+
+    action: str  # "stop" | "resume"
+    cp_id: str | None = None
+
+
+class CentralActor(SupervisedActor):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: CentralConfig,
+        directory: Directory,
+        spawn: Callable[..., Any],
+        *,
+        supervision: Supervision | None = None,
+    ) -> None:
+        """``spawn(name, cls, args, kwargs)`` starts a session actor under the sessions supervisor."""
+        super().__init__(supervision=supervision)
+        self.config = config
+        self.directory = directory
+        self.spawn = spawn
+        self._started: dict[str, float] = {}
+        self._repo: Repository | None = None
+        self.cps: dict[str, CpView] = {}
+        self._by_link: dict[str, str] = {}  # link urn -> cp_id
+        self._pending: dict[str, _Pending] = {}  # authorize correlation id -> pending
+        self._live: dict[str, CpView] = {}  # session id -> its CP
+        self._messages: deque[str] = deque(maxlen=12)
+        self._ticker: Ticker | None = None
+        self._dirty = True
+
+    # --- lifecycle ------------------------------------------------------------
+    def setup(self) -> None:
+        self._repo = Repository(self.config.db_path)
+        self.repo.set_all_cp_states(DISCONNECTED)
+        for rec in self.repo.list_cps():
+            self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh)
+        reloaded = self.repo.live_sessions()
+        for s in reloaded:
+            self._adopt_session(s)
+        self._note(f"Central started: {len(self.cps)} CPs loaded, {len(reloaded)} live sessions reloaded")
+        self._ticker = Ticker(min(0.5, self.config.panel_interval), self.actor_ref, _Tick(), name="central-tick")
+
+    def teardown(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+        for p in self._pending.values():
+            if p.timer:
+                p.timer.cancel()
+        if self._repo is not None:
+            self._repo.close()
+
+    @property
+    def repo(self) -> Repository:
+        assert self._repo is not None
+        return self._repo
+
+    # --- dispatch --------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case FrameIn(link, msg):
+                self._on_frame(link, msg)
+            case Delivery(items):
+                for item in items:
+                    self._on_driver_record(item)
+                return True
+            case SessionProgress():
+                self._on_progress(message)
+            case SupplyFinished(cp_id, session_id):
+                return self._on_supply_finished(cp_id, session_id)
+            case SessionBilled():
+                self._on_billed(message)
+            case LinkUp():
+                pass  # a Monitor connected; it becomes a CP when it registers
+            case LinkDown(link, peer, reason):
+                self._on_link_down(link, reason)
+            case _Tick():
+                self._on_tick()
+            case _AuthTimeout(corr):
+                self._on_auth_timeout(corr)
+            case ConsoleLine(text):
+                self._on_console(text)
+            case AdminCommand(action, cp_id):
+                return self._admin(action, cp_id)
+            case CentralStatus():
+                return self._status()
+            case Ready():
+                return True
+        return None
+
+    # --- Monitor side ---------------------------------------------------------
+    def _on_frame(self, link: pykka.ActorRef[Any], msg: Any) -> None:
+        if isinstance(msg, protocol.RegisterRequest):
+            self._register(link, msg)
+            return
+        cp = self._cp_of(link)
+        if cp is None:
+            log.warning("Ignored %s from an unregistered connection", msg.TYPE)
+            link.tell(Send(protocol.ErrorMessage(reason="register first: send register_request with your cp_id",
+                                                 correlation_id=protocol.correlation_of(msg))))
+            return
+        match msg:
+            case protocol.Heartbeat(engine_ok=ok):
+                was = cp.state
+                cp.last_heartbeat = time.monotonic()
+                cp.engine_ok = ok
+                if ok:
+                    cp.fault = None
+                self._refresh(cp)
+                if was == DISCONNECTED and cp.state != DISCONNECTED:
+                    self._note(f"CP {cp.cp_id} is {cp.state}")
+            case protocol.FaultNotification(reason=reason):
+                cp.engine_ok = False
+                cp.fault = reason
+                self._note(f"CP {cp.cp_id} reported a fault: {reason}")
+                if cp.session_id:
+                    self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault", f"CP {cp.cp_id} reported a fault: {reason}")
+                self._refresh(cp)
+            case protocol.FaultCleared():
+                cp.engine_ok = True
+                cp.fault = None
+                self._note(f"CP {cp.cp_id} recovered from its fault")
+                self._refresh(cp)
+            case protocol.SupplyAuthorizationResponse():
+                self._on_authorization(cp, msg)
+            case protocol.SupplyStarted(session_id=sid):
+                self._on_supply_started(cp, sid)
+            case protocol.SupplyEnded(session_id=sid, end_reason=reason):
+                if cp.session_id == sid:
+                    cp.supplying = False
+                    self._note(f"CP {cp.cp_id} ended supply {sid} ({reason})")
+                    self._refresh(cp)
+            case protocol.CpSupplyRequest(driver_id=driver, correlation_id=corr):
+                denial = self._authorize(cp.cp_id, driver, "cp", corr)
+                if denial:
+                    link.tell(Send(protocol.CpSupplyResponse(correlation_id=corr, cp_id=cp.cp_id, status="denied",
+                                                             reason=denial)))
+            case protocol.ErrorMessage(reason=reason):
+                log.warning("CP %s says: %s", cp.cp_id, reason)
+            case _:
+                log.warning("Ignored %s from CP %s: not a Monitor message", msg.TYPE, cp.cp_id)
+
+    def _register(self, link: pykka.ActorRef[Any], req: protocol.RegisterRequest) -> None:
+        rec = self.repo.get_cp(req.cp_id)
+        if rec is None:
+            if self.config.enroll != "open":
+                reason = f"unknown CP {req.cp_id} (enrolment is closed)"
+                link.tell(Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied", reason=reason)))
+                self._note(f"Refused registration of {req.cp_id}: {reason}")
+                return
+            rec = self.repo.enroll_cp(req.cp_id, req.location or self.config.default_location, self.config.default_price)
+            self.repo.audit("central", req.cp_id, "enrolled", rec.location)
+            self._note(f"Enrolled new CP {req.cp_id} at {rec.location}, {rec.price_eur_kwh:.2f} €/kWh")
+        cp = self.cps.get(rec.cp_id)
+        if cp is None:
+            cp = self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh)
+        if cp.link is not None and cp.link.actor_urn != link.actor_urn:
+            old = cp.link
+            self._by_link.pop(old.actor_urn, None)
+            old.tell(Close("replaced by a new connection of the same CP"))
+        cp.link = link
+        cp.engine_ok = None  # known with the first heartbeat
+        self._by_link[link.actor_urn] = cp.cp_id
+        link.tell(Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
+                                                 price_eur_kwh=cp.price, location=cp.location)))
+        if cp.stopped:
+            link.tell(Send(protocol.StopCp(reason="stopped by Central")))
+        self._note(f"CP {cp.cp_id} registered ({cp.location})")
+        self._refresh(cp)
+
+    def _cp_of(self, link: pykka.ActorRef[Any]) -> CpView | None:
+        cp_id = self._by_link.get(link.actor_urn)
+        return self.cps.get(cp_id) if cp_id else None
+
+    def _on_link_down(self, link: pykka.ActorRef[Any], reason: str) -> None:
+        cp_id = self._by_link.pop(link.actor_urn, None)
+        cp = self.cps.get(cp_id) if cp_id else None
+        if cp is None or cp.link is None or cp.link.actor_urn != link.actor_urn:
+            return
+        cp.link = None
+        self._note(f"CP {cp.cp_id} lost its Monitor ({reason})")
+        if cp.session_id:
+            self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
+                               f"CP {cp.cp_id} lost its monitor; the supply ends and you will get the ticket")
+        for corr, p in list(self._pending.items()):
+            if p.cp_id == cp.cp_id:
+                self._finish_pending(corr, accepted=False, reason=f"CP {cp.cp_id} disconnected")
+        self._refresh(cp)
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        for cp in self.cps.values():
+            before = cp.state
+            self._refresh(cp, now)
+            if before != DISCONNECTED and cp.state == DISCONNECTED and cp.link is not None:
+                self._note(f"CP {cp.cp_id} missed its life messages for {self.config.life_timeout:g} s: DISCONNECTED")
+                if cp.session_id:
+                    self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
+                                       f"CP {cp.cp_id} stopped answering; you will get the ticket when it reports")
+        if self._dirty:
+            self._dirty = False
+            self.directory.tell("panel", self._snapshot())
+
+    def _refresh(self, cp: CpView, now: float | None = None) -> None:
+        state = derive_state(cp, time.monotonic() if now is None else now, self.config.life_timeout)
+        if state != cp.state:
+            cp.state = state
+            self.repo.set_cp_state(cp.cp_id, state)
+        self._dirty = True
+
+    # --- authorisation ----------------------------------------------------------
+    def _authorize(self, cp_id: str, driver_id: str, origin: str, request_corr: str) -> str | None:
+        """Start authorising a supply; return a denial sentence, or None if asked to the CP."""
+        cp = self.cps.get(cp_id)
+        if cp is None:
+            return f"unknown CP {cp_id}"
+        self._refresh(cp)
+        if cp.state != ACTIVE or cp.session_id is not None:
+            state = "busy" if cp.state == ACTIVE else cp.state
+            return f"CP {cp_id} is {state}"
+        for other in self._live.values():
+            if other.driver_id == driver_id:
+                return f"driver {driver_id} is already supplying at {other.cp_id}"
+        session_id = "S" + protocol.new_id()[:10].upper()
+        try:
+            self.repo.open_session(session_id, cp_id, driver_id, cp.price, time.time())
+        except Conflict as exc:
+            return str(exc)
+        assert cp.link is not None
+        corr = protocol.new_id()
+        pending = _Pending(session_id, cp_id, driver_id, origin, request_corr, cp.link)
+        self._started[session_id] = pending.started
+        pending.timer = schedule(self.config.authorize_timeout, self.actor_ref, _AuthTimeout(corr))
+        self._pending[corr] = pending
+        cp.session_id, cp.driver_id = session_id, driver_id
+        cp.energy_kwh = cp.cost_eur = cp.power_kw = 0.0
+        self._live[session_id] = cp
+        cp.link.tell(Send(protocol.AuthorizeSupply(correlation_id=corr, session_id=session_id, driver_id=driver_id,
+                                                   price_eur_kwh=cp.price, cp_id=cp_id)))
+        self._driver_event(driver_id, session_id, cp_id, "requested", f"asked CP {cp_id} to authorise")
+        self._driver_event(driver_id, session_id, cp_id, "waiting_cp", None)
+        self._note(f"Driver {driver_id} requested CP {cp_id} (session {session_id})")
+        self._dirty = True
+        return None
+
+    def _on_authorization(self, cp: CpView, resp: protocol.SupplyAuthorizationResponse) -> None:
+        if resp.correlation_id not in self._pending:
+            log.info("Late authorisation answer from CP %s for %s ignored", cp.cp_id, resp.session_id)
+            return
+        self._finish_pending(resp.correlation_id, resp.accepted, resp.reason or "the CP refused")
+
+    def _finish_pending(self, corr: str, accepted: bool, reason: str) -> None:
+        p = self._pending.pop(corr)
+        if p.timer:
+            p.timer.cancel()
+        cp = self.cps[p.cp_id]
+        if accepted:
+            rec = self.repo.get_session(p.session_id)
+            assert rec is not None
+            self._start_session_actor(rec)
+            self._driver_event(p.driver_id, p.session_id, p.cp_id, "authorized", f"plug in at CP {p.cp_id}")
+            self._note(f"CP {p.cp_id} authorised session {p.session_id} for driver {p.driver_id}")
+        else:
+            self.repo.cancel_session(p.session_id, reason, time.time())
+            self._live.pop(p.session_id, None)
+            self._started.pop(p.session_id, None)
+            if cp.session_id == p.session_id:
+                cp.session_id = cp.driver_id = None
+            self._note(f"Session {p.session_id} at CP {p.cp_id} denied: {reason}")
+            self._refresh(cp)
+        if p.origin == "driver":
+            self._to_driver(p.driver_id, protocol.ChargeResponse(
+                driver_id=p.driver_id, correlation_id=p.request_correlation,
+                status="authorized" if accepted else "denied", cp_id=p.cp_id,
+                session_id=p.session_id if accepted else None, reason=None if accepted else reason))
+        else:
+            p.link.tell(Send(protocol.CpSupplyResponse(
+                correlation_id=p.request_correlation, cp_id=p.cp_id, status="authorized" if accepted else "denied",
+                session_id=p.session_id if accepted else None, reason=None if accepted else reason)))
+            if not accepted:
+                self._driver_event(p.driver_id, p.session_id, p.cp_id, "denied", reason)
+
+    def _on_auth_timeout(self, corr: str) -> None:
+        p = self._pending.get(corr)
+        if p is not None:
+            self._finish_pending(corr, False, f"CP {p.cp_id} did not answer within {self.config.authorize_timeout:g} s")
+
+    def _start_session_actor(self, rec: SessionRecord) -> None:
+        self._started[rec.session_id] = rec.created_at
+        name = f"session:{rec.session_id}"
+        if self.directory.get(name) is not None:
+            return
+        try:
+            self.spawn(name, SessionActor, (rec, self.directory), {})
+        except Exception as exc:
+            # Without its actor the session is still safe: its completion is billed as an orphan.
+            log.error("Could not start the session actor of %s: %s", rec.session_id, exc)
+
+    def _adopt_session(self, rec: SessionRecord) -> None:
+        """A live session from the database (Central restarted): own it again."""
+        cp = self.cps.get(rec.cp_id)
+        if cp is None:
+            return
+        cp.session_id, cp.driver_id = rec.session_id, rec.driver_id
+        cp.energy_kwh, cp.cost_eur = rec.energy_kwh, rec.cost_eur
+        cp.supplying = rec.status == "supplying"
+        self._live[rec.session_id] = cp
+        self._start_session_actor(rec)
+
+    def _on_supply_started(self, cp: CpView, sid: str) -> None:
+        if cp.session_id != sid:
+            log.warning("CP %s started unknown session %s", cp.cp_id, sid)
+            return
+        cp.supplying = True
+        self.directory.tell("ledger", MarkSupplying(sid, time.time()))
+        self._driver_event(cp.driver_id, sid, cp.cp_id, "plugged_in", f"supplying at CP {cp.cp_id}")
+        self._note(f"CP {cp.cp_id} is supplying driver {cp.driver_id}")
+        self._refresh(cp)
+
+    def _on_progress(self, p: SessionProgress) -> None:
+        cp = self._live.get(p.session_id)
+        if cp is None:
+            return
+        cp.energy_kwh, cp.cost_eur, cp.power_kw = p.energy_kwh, p.cost_eur, p.power_kw
+        if not cp.supplying and cp.session_id == p.session_id:
+            cp.supplying = True  # telemetry proves the plug-in even if supply_started was lost
+            self._refresh(cp)
+        self._dirty = True
+
+    def _on_supply_finished(self, cp_id: str, session_id: str) -> str:
+        cp = self.cps.get(cp_id)
+        if cp is None:
+            return DISCONNECTED
+        if cp.session_id == session_id:
+            cp.session_id = cp.driver_id = None
+            cp.supplying = False
+            cp.power_kw = 0.0
+        self._live.pop(session_id, None)
+        self._started.pop(session_id, None)
+        self._refresh(cp)
+        return cp.state
+
+    def _on_billed(self, b: SessionBilled) -> None:
+        self._live.pop(b.session_id, None)
+        self._started.pop(b.session_id, None)
+        cp = self.cps.get(b.cp_id)
+        if cp is not None and cp.session_id == b.session_id:
+            cp.session_id = cp.driver_id = None
+            cp.supplying = False
+            self._refresh(cp)
+        if b.created:
+            self._note(f"Ticket {b.session_id}: driver {b.driver_id} at {b.cp_id}, {b.energy_kwh:.3f} kWh, "
+                       f"{b.cost_eur:.2f} € ({b.end_reason})")
+
+    # --- drivers -----------------------------------------------------------------
+    def _on_driver_record(self, item: Any) -> None:
+        if item.error is not None:
+            log.warning("Ignored a bad driver request (key %s): %s", item.key, item.error)
+            return
+        msg = item.message
+        match msg:
+            case protocol.AvailableCpsRequest(driver_id=d, correlation_id=corr):
+                now = time.monotonic()
+                for cp in self.cps.values():
+                    self._refresh(cp, now)
+                cps = tuple(protocol.CpInfo(cp_id=c.cp_id, location=c.location, price_eur_kwh=c.price, state=c.state)
+                            for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
+                self._to_driver(d, protocol.AvailableCpsResponse(driver_id=d, correlation_id=corr, charging_points=cps))
+            case protocol.ChargeRequest(driver_id=d, cp_id=cp_id, correlation_id=corr):
+                self.repo.ensure_driver(d)
+                denial = self._authorize(cp_id, d, "driver", corr)
+                if denial:
+                    self._note(f"Driver {d} denied at {cp_id}: {denial}")
+                    self._to_driver(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="denied",
+                                                               cp_id=cp_id, reason=denial))
+            case protocol.StopChargingRequest(driver_id=d, session_id=sid, correlation_id=corr):
+                cp = self._live.get(sid)
+                if cp is None or cp.driver_id != d:
+                    self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="error",
+                                                                     session_id=sid, reason=f"no live session {sid} of yours"))
+                elif cp.link is None:
+                    self._to_driver(d, protocol.StopChargingResponse(
+                        driver_id=d, correlation_id=corr, status="error", session_id=sid,
+                        reason=f"CP {cp.cp_id} is not connected; the supply ends when it reports"))
+                else:
+                    cp.link.tell(Send(protocol.StopSupply(session_id=sid, reason="driver_stop")))
+                    self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="ok",
+                                                                     session_id=sid))
+                    self._note(f"Driver {d} asked to stop session {sid}")
+            case protocol.DriverHello(driver_id=d, correlation_id=corr):
+                self.repo.ensure_driver(d)
+                active = None
+                for sid, cp in self._live.items():
+                    if cp.driver_id == d:
+                        active = protocol.ActiveSessionInfo(session_id=sid, cp_id=cp.cp_id, energy_kwh=cp.energy_kwh,
+                                                            cost_eur=cp.cost_eur, state=cp.state)
+                tickets = tuple(
+                    protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
+                                        energy_kwh=t.energy_kwh, cost_eur=t.cost_eur,
+                                        started_at=t.started_at or t.issued_at, ended_at=t.ended_at or t.issued_at,
+                                        end_reason=t.end_reason or "unplugged")
+                    for t in self.repo.unacked_tickets(d))
+                self._to_driver(d, protocol.DriverHelloResponse(driver_id=d, correlation_id=corr, tickets=tickets,
+                                                                active_session=active))
+            case protocol.TicketAck(driver_id=d, session_id=sid):
+                self.repo.ack_ticket(d, sid)
+            case _:
+                log.warning("Ignored a %s record on driver_requests: not a driver request", msg.TYPE)
+
+    def _to_driver(self, driver_id: str, message: Any) -> None:
+        self.directory.tell("publisher", Publish("driver_responses", driver_id, message))
+
+    def _driver_event(self, driver_id: str | None, sid: str, cp_id: str, event: str, detail: str | None) -> None:
+        if driver_id:
+            self._to_driver(driver_id, protocol.SupplyEvent(driver_id=driver_id, session_id=sid, cp_id=cp_id,
+                                                            event=event, detail=detail))
+
+    # --- operator ------------------------------------------------------------
+    def _on_console(self, text: str) -> None:
+        words = text.split()
+        if not words:
+            return
+        if words[0] in ("stop", "resume") and len(words) == 2:
+            self._admin(words[0], None if words[1].lower() == "all" else words[1])
+        elif words[0] == "status":
+            for c in sorted(self.cps.values(), key=lambda c: c.cp_id):
+                log.info("%s %-12s %s %s", c.cp_id, c.state, c.location, f"session {c.session_id}" if c.session_id else "")
+        else:
+            log.info("Commands: stop CP_ID | stop all | resume CP_ID | resume all | status")
+
+    def _admin(self, action: str, cp_id: str | None) -> str:
+        targets = list(self.cps.values()) if cp_id is None else [self.cps[cp_id]] if cp_id in self.cps else []
+        if not targets:
+            log.info("Unknown CP %s", cp_id)
+            return f"unknown CP {cp_id}"
+        for cp in targets:
+            cp.stopped = action == "stop"
+            if cp.link is not None:
+                cp.link.tell(Send(protocol.StopCp(reason="stopped by Central") if cp.stopped else protocol.ResumeCp()))
+            self._refresh(cp)
+        what = "all CPs" if cp_id is None else f"CP {cp_id}"
+        self._note(f"{'Stopped' if action == 'stop' else 'Resumed'} {what}")
+        return "ok"
+
+    # --- views ---------------------------------------------------------------------
+    def _note(self, text: str) -> None:
+        log.info(text)
+        self._messages.append(time.strftime("%H:%M:%S ") + text)
+        self._dirty = True
+
+    def _status(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        out = {}
+        for c in self.cps.values():
+            self._refresh(c, now)
+            out[c.cp_id] = {"state": c.state, "location": c.location, "price_eur_kwh": c.price,
+                            "session_id": c.session_id, "driver_id": c.driver_id, "energy_kwh": c.energy_kwh,
+                            "cost_eur": c.cost_eur, "power_kw": c.power_kw, "connected": c.link is not None,
+                            "stopped": c.stopped, "fault": c.fault}
+        return out
+
+    def _snapshot(self) -> PanelSnapshot:
+        tiles = tuple(
+            CpTile(c.cp_id, c.location, c.price, c.state, c.driver_id if c.supplying else None,
+                   c.power_kw if c.supplying else 0.0, c.energy_kwh if c.supplying else 0.0,
+                   c.cost_eur if c.supplying else 0.0, c.fault)
+            for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
+        rows = []
+        for p in self._pending.values():
+            rows.append(RequestRow(p.started, p.driver_id, p.cp_id, "waiting for CP"))
+        for sid, cp in self._live.items():
+            if not any(p.session_id == sid for p in self._pending.values()) and cp.driver_id:
+                rows.append(RequestRow(self._started.get(sid), cp.driver_id, cp.cp_id,
+                                       "supplying" if cp.supplying else "authorised"))
+        return PanelSnapshot(tiles, tuple(rows), tuple(self._messages), time.time())

@@ -1,0 +1,94 @@
+"""LedgerActor: the single writer of Central's money — sessions and tickets.
+
+It owns one :class:`persistence.Repository` connection. Billing asks come
+from session actors; the database's unique ticket key makes a replayed
+completion a no-op that returns the existing ticket. Telemetry checkpoints
+are batched and flushed once per ``flush_interval`` in one transaction: they
+only speed up a restart (the completion carries the final figures), so
+writing each of thousands of records per second would buy nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from actors.messages import Bill, BillOrphan, Checkpoint, MarkSupplying, Ready
+from persistence import Repository, TicketRecord, UnknownSession
+from transport.runtime import SupervisedActor, Supervision, Ticker
+
+log = logging.getLogger("evcharging.central.ledger")
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    pass
+
+
+class LedgerActor(SupervisedActor):
+    """See the module docstring."""
+
+    def __init__(self, db_path: str, *, flush_interval: float = 1.0, supervision: Supervision | None = None) -> None:
+        super().__init__(supervision=supervision)
+        self.db_path = db_path
+        self.flush_interval = flush_interval
+        self._repo: Repository | None = None
+        self._pending: dict[str, tuple[str, int, float, float]] = {}
+        self._ticker: Ticker | None = None
+
+    def setup(self) -> None:
+        self._repo = Repository(self.db_path)
+        self._ticker = Ticker(self.flush_interval, self.actor_ref, _Flush(), name="ledger-flush")
+
+    def teardown(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+        if self._repo is not None:
+            self._flush()
+            self._repo.close()
+
+    @property
+    def repo(self) -> Repository:
+        assert self._repo is not None
+        return self._repo
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Checkpoint(sid, seq, kwh, eur):
+                self._pending[sid] = (sid, seq, kwh, eur)
+            case _Flush():
+                self._flush()
+            case MarkSupplying(sid, at):
+                self.repo.mark_supplying(sid, at)
+            case Bill(completion, cp_state):
+                return self._bill(completion, cp_state)
+            case BillOrphan(completion):
+                try:
+                    return self._bill(completion, None)
+                except UnknownSession:
+                    log.error("Completion for unknown session %s from CP %s ignored (no such session in the database)",
+                              completion.session_id, completion.cp_id)
+                    self.repo.audit("central", completion.cp_id, "unknown_completion", completion.session_id)
+                    return None
+            case Ready():
+                return True
+        return None
+
+    def _bill(self, c: Any, cp_state: str | None) -> tuple[TicketRecord, bool]:
+        self._pending.pop(c.session_id, None)
+        ticket, created = self.repo.complete_session(
+            c.session_id, c.energy_kwh, c.cost_eur, c.end_reason, c.timestamp,
+            cp_state=cp_state, message_id=c.message_id, topic="charging_session_complete",
+        )
+        if created:
+            self.repo.audit("central", c.cp_id, "ticket", f"{c.session_id} {ticket.energy_kwh:.3f} kWh {ticket.cost_eur:.2f} EUR")
+        return ticket, created
+
+    def _flush(self) -> None:
+        if self._pending and self._repo is not None:
+            batch, self._pending = list(self._pending.values()), {}
+            started = time.perf_counter()
+            self._repo.checkpoint_many(batch)
+            log.debug("checkpointed %d sessions in %.1f ms", len(batch), (time.perf_counter() - started) * 1000)

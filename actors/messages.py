@@ -1,0 +1,90 @@
+"""Messages between Central's own actors (the wire messages are in transport/protocol.py).
+
+Frozen dataclasses only: no dicts travel between actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transport import protocol
+
+
+# --- session ↔ ledger ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Latest telemetry totals of a session; the ledger batches them to disk."""
+
+    session_id: str
+    seq: int
+    energy_kwh: float
+    cost_eur: float
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSupplying:
+    session_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """Ask: complete the session and issue its ticket, in one transaction.
+
+    Returns ``(TicketRecord, created)``; a replay returns the existing ticket
+    with ``created=False``. ``cp_state`` is None for an orphan completion.
+    """
+
+    completion: protocol.ChargeCompletion
+    cp_state: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BillOrphan:
+    """Ask: a completion no session actor owns (replay, or Central lost track)."""
+
+    completion: protocol.ChargeCompletion
+
+
+# --- session ↔ central --------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SessionProgress:
+    """Telemetry applied by a session actor: Central updates its CP view."""
+
+    session_id: str
+    cp_id: str
+    seq: int
+    energy_kwh: float
+    cost_eur: float
+    power_kw: float
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyFinished:
+    """Ask: the session is being billed; returns the CP's state after it."""
+
+    cp_id: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBilled:
+    """Tell: the ticket exists (``created`` False for a replay)."""
+
+    session_id: str
+    cp_id: str
+    driver_id: str
+    energy_kwh: float
+    cost_eur: float
+    end_reason: str
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """Ask a session actor: its figures (for tests and the panel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Ask: returns once the actor finished its start-up (mailbox is FIFO)."""

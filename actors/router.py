@@ -1,0 +1,96 @@
+"""SessionRouter: hands Engine telemetry and completions to their session actors.
+
+It is the target of Central's Kafka pump for ``charging_session_data`` and
+``charging_session_complete``. It answers the pump's ask only when every
+completion in the delivery is billed (so the offsets are committed only
+after the database commit); telemetry is handed over with a ``tell``, since
+the completion carries the final figures anyway. A completion nobody owns
+(a replay after the session ended, or a supply Central lost track of) goes
+straight to the ledger, which bills it once or returns the existing ticket.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from actors.messages import BillOrphan, Ready, SessionBilled
+from actors.session import ticket_message
+from transport import protocol
+from transport.kafka import Delivery, Publish
+from transport.runtime import Directory, SupervisedActor, Supervision
+
+log = logging.getLogger("evcharging.central.router")
+
+
+class SessionRouter(SupervisedActor):
+    """See the module docstring."""
+
+    def __init__(self, directory: Directory, *, ask_timeout: float = 30.0, supervision: Supervision | None = None) -> None:
+        super().__init__(supervision=supervision)
+        self.directory = directory
+        self.ask_timeout = ask_timeout
+        self._central_ready = False
+        self.stats = {"data": 0, "completions": 0, "orphans": 0, "unrouted_data": 0, "bad": 0}
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Delivery(items):
+                self._route(items)
+                return True
+            case "stats":
+                return dict(self.stats)
+        return None
+
+    def _route(self, items: tuple[Any, ...]) -> None:
+        if not self._central_ready:
+            central = self.directory.get("central")
+            if central is None:
+                raise RuntimeError("Central is not running yet; the records will be redelivered")
+            central.ask(Ready(), timeout=self.ask_timeout)  # sessions reloaded before we route
+            self._central_ready = True
+        waiting: list[tuple[Any, pykka.Future[Any]]] = []
+        for item in items:
+            msg = item.message
+            if item.error is not None:
+                self.stats["bad"] += 1
+                log.warning("Ignored a bad record on %s (key %s): %s", item.topic, item.key, item.error)
+                continue
+            if isinstance(msg, protocol.ChargingData):
+                self.stats["data"] += 1
+                if not self.directory.tell(f"session:{msg.session_id}", msg):
+                    self.stats["unrouted_data"] += 1
+            elif isinstance(msg, protocol.ChargeCompletion):
+                self.stats["completions"] += 1
+                ref = self.directory.get(f"session:{msg.session_id}")
+                if ref is not None:
+                    try:
+                        waiting.append((msg, ref.ask(msg, block=False)))
+                        continue
+                    except pykka.ActorDeadError:
+                        pass
+                self._orphan(msg)
+            else:
+                self.stats["bad"] += 1
+                log.warning("Ignored a %s record on %s: not an Engine message", type(msg).__name__, item.topic)
+        for msg, future in waiting:
+            try:
+                future.get(timeout=self.ask_timeout)
+            except pykka.ActorDeadError:
+                self._orphan(msg)  # the session stopped right after billing: the ledger knows
+
+    def _orphan(self, c: protocol.ChargeCompletion) -> None:
+        self.stats["orphans"] += 1
+        ledger = self.directory.get("ledger")
+        if ledger is None:
+            raise RuntimeError("the ledger is not running; the completion will be redelivered")
+        result = ledger.ask(BillOrphan(c), timeout=self.ask_timeout)
+        if result is None:
+            return
+        ticket, created = result
+        self.directory.tell("publisher", Publish("driver_responses", ticket.driver_id, ticket_message(ticket)))
+        self.directory.tell("central", SessionBilled(ticket.session_id, ticket.cp_id, ticket.driver_id,
+                                                     ticket.energy_kwh, ticket.cost_eur,
+                                                     ticket.end_reason or c.end_reason, created))

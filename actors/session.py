@@ -1,0 +1,93 @@
+"""SessionActor: owns one supply — its meter and its exactly-once bill.
+
+Kafka delivers at least once, so the same telemetry or completion can come
+twice (a redelivery after a crash, a producer retry, an Engine replaying its
+journal). The session drops telemetry whose ``seq`` it has already applied,
+and bills through the ledger, whose unique ticket key turns a second
+completion into a lookup of the first ticket. Either way the driver gets
+the same ticket again, which is harmless: drivers dedupe by session id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from actors.messages import Bill, Checkpoint, SessionBilled, SessionProgress, SessionStats, SupplyFinished
+from persistence import SessionRecord, TicketRecord
+from transport import protocol
+from transport.kafka import Publish
+from transport.runtime import Directory, SupervisedActor, Supervision
+
+log = logging.getLogger("evcharging.central.session")
+
+
+def ticket_message(t: TicketRecord) -> protocol.Ticket:
+    """The wire ticket of a ledger row."""
+    return protocol.Ticket(
+        driver_id=t.driver_id, session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
+        energy_kwh=t.energy_kwh, cost_eur=t.cost_eur, started_at=t.started_at or t.issued_at,
+        ended_at=t.ended_at or t.issued_at, end_reason=t.end_reason or "unplugged",
+    )
+
+
+class SessionActor(SupervisedActor):
+    """One per live session, named ``session:<id>`` in Central's directory."""
+
+    def __init__(self, record: SessionRecord, directory: Directory, *, supervision: Supervision | None = None) -> None:
+        super().__init__(supervision=supervision)
+        self.record = record
+        self.directory = directory
+        self.last_seq = record.last_seq
+        self.energy_kwh = record.energy_kwh
+        self.cost_eur = record.cost_eur
+        self.power_kw = 0.0
+        self.duplicates = 0
+        self.billed: TicketRecord | None = None
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case protocol.ChargingData():
+                self._meter(message)
+            case protocol.ChargeCompletion():
+                return self._complete(message)
+            case SessionStats():
+                return {"session_id": self.record.session_id, "last_seq": self.last_seq, "energy_kwh": self.energy_kwh,
+                        "cost_eur": self.cost_eur, "duplicates": self.duplicates, "billed": self.billed is not None}
+        return None
+
+    def _meter(self, data: protocol.ChargingData) -> None:
+        if data.seq <= self.last_seq or self.billed is not None:
+            self.duplicates += 1
+            return
+        r = self.record
+        self.last_seq, self.energy_kwh, self.cost_eur, self.power_kw = data.seq, data.energy_kwh, data.cost_eur, data.power_kw
+        update = protocol.ChargingStatusUpdate(
+            driver_id=r.driver_id, session_id=r.session_id, cp_id=r.cp_id, seq=data.seq,
+            energy_kwh=data.energy_kwh, cost_eur=data.cost_eur, power_kw=data.power_kw,
+        )
+        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, update))
+        self.directory.tell("central", SessionProgress(r.session_id, r.cp_id, data.seq, data.energy_kwh,
+                                                        data.cost_eur, data.power_kw))
+        self.directory.tell("ledger", Checkpoint(r.session_id, data.seq, data.energy_kwh, data.cost_eur))
+
+    def _complete(self, c: protocol.ChargeCompletion) -> TicketRecord:
+        """Bill once (durably) and send the ticket; returns the ticket."""
+        r = self.record
+        if self.billed is None:
+            central, ledger = self.directory.get("central"), self.directory.get("ledger")
+            if ledger is None:
+                raise RuntimeError("the ledger is not running; the completion will be redelivered")
+            cp_state = central.ask(SupplyFinished(r.cp_id, r.session_id), timeout=10) if central else None
+            ticket, created = ledger.ask(Bill(c, cp_state), timeout=30)
+            self.billed = ticket
+            if created:
+                log.info("Ticket for %s at %s: %.3f kWh, %.2f € (%s), driver %s",
+                         r.session_id, r.cp_id, ticket.energy_kwh, ticket.cost_eur, ticket.end_reason, r.driver_id)
+            self.directory.tell("central", SessionBilled(r.session_id, r.cp_id, r.driver_id, ticket.energy_kwh,
+                                                         ticket.cost_eur, ticket.end_reason or c.end_reason, created))
+            self.actor_ref.stop(block=False)  # after this message; late duplicates go to the ledger directly
+        else:
+            self.duplicates += 1
+        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(self.billed)))
+        return self.billed

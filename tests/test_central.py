@@ -1,0 +1,246 @@
+"""Central in-process against a real broker, real sockets and a real SQLite file.
+
+The Monitor is a FakeMonitor (the wire protocol over a FrameClient); drivers
+and Engines are plain Kafka clients (KafkaPeer). Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from actors.central import AdminCommand, CentralStatus
+from actors.console import ConsoleLine
+from actors.panel import render_text
+from persistence import Repository
+from supervisors.central_system import CentralSystemConfig, start_central
+from tests.fakes import FakeMonitor, KafkaPeer
+from tests.waiting import wait_until
+from transport import protocol
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def central(kafka_settings, tmp_path, request):
+    """Central with MAD1 and MAD2 seeded; ``@pytest.mark.life_timeout(s)`` shortens the life timeout."""
+    marker = request.node.get_closest_marker("life_timeout")
+    db = str(tmp_path / "central.db")
+    with Repository(db) as repo:
+        repo.upsert_cp("MAD1", "Madrid Sol", 0.40)
+        repo.upsert_cp("MAD2", "Madrid Atocha", 0.35)
+    config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
+                                 topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
+                                 life_timeout=marker.args[0] if marker else 30.0)
+    system = start_central(config)
+    system.port = system.ask("monitor-listener", "port")
+    system.db = db
+    peer = KafkaPeer(kafka_settings)
+    system.peer = peer
+    yield system
+    system.stop()
+    peer.close()
+
+
+def state(central, cp: str) -> str:
+    return central.ask("central", CentralStatus())[cp]["state"]
+
+
+def active_monitor(central, cp: str) -> FakeMonitor:
+    m = FakeMonitor(central.port, cp)
+    assert m.register().status == "accepted"
+    m.heartbeat(True)
+    wait_until(lambda: state(central, cp) == "ACTIVE", what=f"{cp} ACTIVE")
+    return m
+
+
+def charge(central, driver: str, cp: str) -> str:
+    corr = uuid.uuid4().hex
+    central.peer.send("driver_requests", driver, protocol.ChargeRequest(driver_id=driver, cp_id=cp, correlation_id=corr))
+    return corr
+
+
+def response(central, corr: str) -> protocol.ChargeResponse:
+    return central.peer.wait_for(protocol.ChargeResponse, lambda m: m.correlation_id == corr)[0]
+
+
+@pytest.mark.life_timeout(1.5)
+def test_starts_with_every_cp_disconnected_and_registers_with_db_price(central) -> None:
+    status = central.ask("central", CentralStatus())
+    assert {k: v["state"] for k, v in status.items()} == {"MAD1": "DISCONNECTED", "MAD2": "DISCONNECTED"}
+    m = FakeMonitor(central.port, "MAD1")
+    r = m.register(location="ignored")
+    assert (r.status, r.price_eur_kwh, r.location) == ("accepted", 0.40, "Madrid Sol")
+    assert state(central, "MAD1") == "DISCONNECTED"  # until the first life message
+    m.heartbeat(True)
+    wait_until(lambda: state(central, "MAD1") == "ACTIVE")
+    m.heartbeat(False)
+    wait_until(lambda: state(central, "MAD1") == "BROKEN")
+    m.heartbeat(True)
+    wait_until(lambda: state(central, "MAD1") == "ACTIVE")
+    m.send(protocol.FaultNotification(cp_id="MAD1", reason="engine does not answer"))
+    wait_until(lambda: state(central, "MAD1") == "BROKEN")
+    m.send(protocol.FaultCleared(cp_id="MAD1"))
+    wait_until(lambda: state(central, "MAD1") == "ACTIVE")
+    # no life message for life_timeout → DISCONNECTED; one more → back
+    wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=5)
+    m.heartbeat(True)
+    wait_until(lambda: state(central, "MAD1") == "ACTIVE")
+    m.close()  # the Monitor's socket closes → DISCONNECTED at once
+    wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=1.4)
+
+
+def test_enrolment_open_and_closed(central, kafka_settings, tmp_path) -> None:
+    m = FakeMonitor(central.port, "NEW9")
+    r = m.register(location="Valencia Port")
+    assert (r.status, r.location, r.price_eur_kwh) == ("accepted", "Valencia Port", 0.30)
+    m.close()
+    closed = start_central(CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
+                                               db_path=str(tmp_path / "closed.db"), enroll="closed",
+                                               topic_prefix=kafka_settings.topic_prefix + "closed.",
+                                               group_id="closed"))
+    try:
+        m2 = FakeMonitor(closed.ask("monitor-listener", "port"), "NEW9")
+        r2 = m2.register()
+        assert r2.status == "denied" and "unknown CP NEW9" in r2.reason
+        m2.close()
+    finally:
+        closed.stop()
+
+
+def test_authorisation_rules_give_readable_denials(central) -> None:
+    m1 = active_monitor(central, "MAD1")
+    m2 = FakeMonitor(central.port, "MAD2")
+    m2.register()
+    m2.heartbeat(False)
+    wait_until(lambda: state(central, "MAD2") == "BROKEN")
+    assert response(central, charge(central, "d1", "NOPE")).reason == "unknown CP NOPE"
+    assert response(central, charge(central, "d1", "MAD2")).reason == "CP MAD2 is BROKEN"
+    # d1 is authorised at MAD1 ...
+    corr = charge(central, "d1", "MAD1")
+    auth = m1.expect(protocol.AuthorizeSupply)
+    assert (auth.driver_id, auth.cp_id, auth.price_eur_kwh) == ("d1", "MAD1", 0.40)
+    # ... and while that is pending, MAD1 is busy and d1 cannot ask elsewhere
+    assert response(central, charge(central, "d2", "MAD1")).reason == "CP MAD1 is busy"
+    m2.heartbeat(True)
+    wait_until(lambda: state(central, "MAD2") == "ACTIVE")
+    assert response(central, charge(central, "d1", "MAD2")).reason == "driver d1 is already supplying at MAD1"
+    m1.send(protocol.SupplyAuthorizationResponse(correlation_id=auth.correlation_id, session_id=auth.session_id,
+                                                 accepted=True))
+    ok = response(central, corr)
+    assert (ok.status, ok.session_id) == ("authorized", auth.session_id)
+    # a stopped CP
+    central.ask("central", AdminCommand("stop", "MAD2"))
+    m2.expect(protocol.StopCp)
+    m2.heartbeat(True)
+    assert state(central, "MAD2") == "STOPPED"
+    assert response(central, charge(central, "d3", "MAD2")).reason == "CP MAD2 is STOPPED"
+    # a CP that refuses, and one that does not answer
+    central.ask("central", AdminCommand("resume", "MAD2"))
+    m2.expect(protocol.ResumeCp)
+    wait_until(lambda: state(central, "MAD2") == "ACTIVE")
+    corr = charge(central, "d3", "MAD2")
+    a = m2.expect(protocol.AuthorizeSupply)
+    m2.send(protocol.SupplyAuthorizationResponse(correlation_id=a.correlation_id, session_id=a.session_id,
+                                                 accepted=False, reason="cable damaged"))
+    assert response(central, corr).reason == "cable damaged"
+    corr = charge(central, "d3", "MAD2")
+    m2.expect(protocol.AuthorizeSupply)
+    m2.heartbeat(True)
+    assert "did not answer" in response(central, corr).reason
+    with Repository(central.db) as repo:
+        assert [s.status for s in repo.live_sessions()] == ["authorized"]  # only d1's
+
+
+def test_full_supply_is_billed_exactly_once(central) -> None:
+    m = active_monitor(central, "MAD1")
+    peer = central.peer
+    corr = charge(central, "d1", "MAD1")
+    auth = m.expect(protocol.AuthorizeSupply)
+    sid = auth.session_id
+    m.send(protocol.SupplyAuthorizationResponse(correlation_id=auth.correlation_id, session_id=sid, accepted=True))
+    assert response(central, corr).status == "authorized"
+    m.send(protocol.SupplyStarted(cp_id="MAD1", session_id=sid, driver_id="d1"))
+    m.heartbeat(True)
+    wait_until(lambda: state(central, "MAD1") == "SUPPLYING")
+    for seq in (1, 2, 2, 3, 1):  # duplicates and a late one
+        peer.send("charging_session_data", "MAD1", protocol.ChargingData(
+            cp_id="MAD1", session_id=sid, driver_id="d1", seq=seq, energy_kwh=seq * 0.5, cost_eur=seq * 0.2, power_kw=7.4))
+    updates = peer.wait_for(protocol.ChargingStatusUpdate, lambda u: u.session_id == sid, count=3)
+    assert [u.seq for u in updates] == [1, 2, 3]
+    wait_until(lambda: central.ask("central", CentralStatus())["MAD1"]["energy_kwh"] == 1.5)
+    completion = protocol.ChargeCompletion(cp_id="MAD1", session_id=sid, driver_id="d1", energy_kwh=1.6,
+                                           cost_eur=0.64, end_reason="unplugged")
+    peer.send("charging_session_complete", "MAD1", completion)
+    peer.send("charging_session_complete", "MAD1", completion)  # same message again
+    peer.send("charging_session_complete", "MAD1", protocol.ChargeCompletion(  # same session, new message id
+        cp_id="MAD1", session_id=sid, driver_id="d1", energy_kwh=9.9, cost_eur=9.9, end_reason="unplugged"))
+    m.send(protocol.SupplyEnded(cp_id="MAD1", session_id=sid, end_reason="unplugged", driver_id="d1"))
+    tickets = peer.wait_for(protocol.Ticket, lambda t: t.session_id == sid, count=3)
+    assert {(t.energy_kwh, t.cost_eur) for t in tickets} == {(1.6, 0.64)}  # re-sent, never re-billed
+    with Repository(central.db) as repo:
+        billed = [t for t in repo.tickets() if t.session_id == sid]
+        assert len(billed) == 1 and billed[0].cost_cents == 64
+        assert repo.get_cp("MAD1").state == "ACTIVE"
+    wait_until(lambda: state(central, "MAD1") == "ACTIVE")
+    # the driver comes back: the ticket is offered until acknowledged
+    hello = uuid.uuid4().hex
+    peer.send("driver_requests", "d1", protocol.DriverHello(driver_id="d1", correlation_id=hello))
+    r = peer.wait_for(protocol.DriverHelloResponse, lambda m: m.correlation_id == hello)[0]
+    assert [t.session_id for t in r.tickets] == [sid] and r.active_session is None
+    peer.send("driver_requests", "d1", protocol.TicketAck(driver_id="d1", session_id=sid))
+    hello2 = uuid.uuid4().hex
+    peer.send("driver_requests", "d1", protocol.DriverHello(driver_id="d1", correlation_id=hello2))
+    assert peer.wait_for(protocol.DriverHelloResponse, lambda m: m.correlation_id == hello2)[0].tickets == ()
+
+
+def test_driver_stop_and_central_stop_all(central) -> None:
+    m1, m2 = active_monitor(central, "MAD1"), active_monitor(central, "MAD2")
+    corr = charge(central, "d1", "MAD1")
+    auth = m1.expect(protocol.AuthorizeSupply)
+    m1.send(protocol.SupplyAuthorizationResponse(correlation_id=auth.correlation_id, session_id=auth.session_id,
+                                                 accepted=True))
+    response(central, corr)
+    stop = uuid.uuid4().hex
+    central.peer.send("driver_requests", "d1", protocol.StopChargingRequest(driver_id="d1", session_id=auth.session_id,
+                                                                            correlation_id=stop))
+    assert m1.expect(protocol.StopSupply).reason == "driver_stop"
+    r = central.peer.wait_for(protocol.StopChargingResponse, lambda m: m.correlation_id == stop)[0]
+    assert r.status == "ok"
+    central.get("central").tell(ConsoleLine("stop all"))
+    m1.expect(protocol.StopCp)
+    m2.expect(protocol.StopCp)
+    wait_until(lambda: {state(central, "MAD1"), state(central, "MAD2")} == {"STOPPED"})
+    central.get("central").tell(ConsoleLine("resume all"))
+    m1.expect(protocol.ResumeCp)
+    m2.expect(protocol.ResumeCp)
+    wait_until(lambda: {state(central, "MAD1"), state(central, "MAD2")} == {"ACTIVE"})
+
+
+def test_available_cps_and_the_panel(central) -> None:
+    m = active_monitor(central, "MAD1")
+    corr = uuid.uuid4().hex
+    central.peer.send("driver_requests", "d9", protocol.AvailableCpsRequest(driver_id="d9", correlation_id=corr))
+    r = central.peer.wait_for(protocol.AvailableCpsResponse, lambda m: m.correlation_id == corr)[0]
+    assert [(c.cp_id, c.state, c.price_eur_kwh) for c in r.charging_points] == [
+        ("MAD1", "ACTIVE", 0.40), ("MAD2", "DISCONNECTED", 0.35)]
+    text = wait_until(lambda: (t := central.ask("panel", "text")) and "MAD1" in t and "ACTIVE" in t and t)
+    assert "Madrid Sol" in text and "0.40 €/kWh" in text and "DISCONNECTED" in text
+    assert "Ongoing driver requests" in text and "Application messages" in text
+    m.close()
+
+
+def test_panel_render_shows_live_supply() -> None:
+    from actors.panel import CpTile, PanelSnapshot, RequestRow
+
+    snap = PanelSnapshot(
+        (CpTile("ALC1", "Alicante", 0.3, "SUPPLYING", "driver7", 7.4, 1.234, 0.37),
+         CpTile("MAD2", "Madrid", 0.35, "STOPPED"), CpTile("BCN3", "Barcelona", 0.5, "BROKEN", fault="engine KO")),
+        (RequestRow(time.time(), "driver7", "ALC1", "supplying"),), ("12:00:00 CP ALC1 is supplying driver driver7",),
+        time.time())
+    text = render_text(snap)
+    for expected in ("ALC1", "SUPPLYING", "7.4 kW", "1.234 kWh", "0.37 €", "driver driver7", "Out of Order",
+                     "BROKEN", "engine KO", "CP ALC1 is supplying"):
+        assert expected in text, expected
