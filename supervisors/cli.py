@@ -37,3 +37,16 @@ def launcher_main(argv: list[str] | None = None) -> int:
     from supervisors.launcher import main
 
     return main(sys.argv[1:] if argv is None else argv)
+
+
+PROGRAMS = {"central": central_main, "monitor": monitor_main, "engine": engine_main, "driver": driver_main,
+            "evcharging": launcher_main}
+
+
+if __name__ == "__main__":
+    # ``python -m supervisors.cli PROGRAM ARGS...``: how the launcher starts
+    # each component with the same interpreter, installed or not.
+    if len(sys.argv) < 2 or sys.argv[1] not in PROGRAMS:
+        print(f"usage: python -m supervisors.cli {{{','.join(PROGRAMS)}}} ARGS...", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(PROGRAMS[sys.argv[1]](sys.argv[2:]))

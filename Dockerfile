@@ -1,0 +1,12 @@
+# One image for every program of the network (EV_Central, EV_CP_M, EV_CP_E, EV_Driver, evcharging).
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.lock setup.cfg pyproject.toml README.md ./
+COPY actors actors
+COPY transport transport
+COPY persistence persistence
+COPY supervisors supervisors
+RUN pip install --no-cache-dir -c requirements.lock . && useradd -m ev && mkdir -p /data && chown ev /data
+USER ev
+ENV PYTHONUNBUFFERED=1
+CMD ["EV_Central", "--help"]
