@@ -76,16 +76,16 @@ class SupervisedActor(pykka.ThreadingActor):
         except Exception as exc:
             # pykka would log this and stop the actor, telling nobody.
             self._teardown_once()
-            self._report(exc, during_start=True)
+            self._notify_supervisor(exc, during_start=True)
             raise
 
     def on_stop(self) -> None:
         self._teardown_once()
-        self._report(None)
+        self._notify_supervisor(None)
 
     def on_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
         self._teardown_once()
-        self._report(exc_value)
+        self._notify_supervisor(exc_value)
 
     # --- helpers ------------------------------------------------------------
     @property
@@ -101,7 +101,7 @@ class SupervisedActor(pykka.ThreadingActor):
         except Exception as exc:  # teardown must never mask the real exit reason
             log.warning("%s: cleanup failed: %s", self.child_name, exc)
 
-    def _report(self, error: BaseException | None, during_start: bool = False) -> None:
+    def _notify_supervisor(self, error: BaseException | None, during_start: bool = False) -> None:
         if self.supervision is None:
             return
         notice = ChildExited(self.supervision.name, self.supervision.generation, error, during_start)

@@ -1,0 +1,335 @@
+"""``evcharging up``: a whole network on one machine, each component its own OS process.
+
+:class:`Network` is also the Python API the failure-injection tests use: it
+starts the broker, Central, CPs (Engine + Monitor) and drivers as separate
+processes with their own log files, and can kill (SIGKILL), stop and restart
+any one of them by name (``central``, ``engine:MAD1``, ``monitor:MAD1``,
+``driver:d1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from persistence import Repository
+from supervisors import options as opt
+from supervisors.logs import setup_logging
+from transport.broker import BrokerUnavailable, KafkaSettings, LocalBroker, ensure_topics, free_port, wait_for_port
+
+log = logging.getLogger("evcharging.launcher")
+
+#: CP ids, locations and prices of the demo network (Spanish cities, as the assignment).
+CITIES = [
+    ("MAD1", "Madrid, Puerta del Sol", 0.35), ("BCN2", "Barcelona, Diagonal", 0.38),
+    ("VLC3", "Valencia, Port", 0.32), ("ALC4", "Alicante, Universidad", 0.30),
+    ("SEV5", "Sevilla, Triana", 0.33), ("BIO6", "Bilbao, Abando", 0.36),
+    ("ZAR7", "Zaragoza, Delicias", 0.31), ("MAL8", "Málaga, Centro", 0.34),
+]
+
+
+def cp_catalogue(n: int) -> list[tuple[str, str, float]]:
+    """``n`` CPs: the demo cities first, then numbered ones."""
+    out = list(CITIES[:n])
+    for i in range(len(out), n):
+        out.append((f"CP{i + 1:03d}", f"Site {i + 1}", 0.30 + (i % 7) * 0.01))
+    return out
+
+
+@dataclass
+class NetworkSpec:
+    """What ``evcharging up`` starts; every field is a flag."""
+
+    run_dir: Path
+    cps: int = 3
+    drivers: int = 2
+    services: int = 10
+    broker: str | None = None
+    host: str = "127.0.0.1"
+    topic_prefix: str = ""
+    supply_seconds: float = 5.0
+    plug_delay: float = 1.0
+    pause: float = 4.0
+    power_kw: float = 22.0
+    tick: float = 1.0
+    panel: str = "rich"
+    life_timeout: float = 3.0
+    extra_central: list[str] = field(default_factory=list)
+
+
+def python_cmd(program: str, *args: str) -> list[str]:
+    """The command line of one of our programs, run by this interpreter."""
+    return [sys.executable, "-m", "supervisors.cli", program, *args]
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+    stdin: int | None = subprocess.DEVNULL
+
+
+class Network:
+    """A network of OS processes (see the module docstring)."""
+
+    def __init__(self, spec: NetworkSpec) -> None:
+        self.spec = spec
+        self.run_dir = spec.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.broker: LocalBroker | None = None
+        self.bootstrap = spec.broker or ""
+        self.central_port = free_port(spec.host)
+        self.db_path = self.run_dir / "central.db"
+        self.cps = cp_catalogue(spec.cps)
+        self.engine_ports: dict[str, int] = {}
+        self.procs: dict[str, Proc] = {}
+
+    # --- lifecycle --------------------------------------------------------------
+    def start(self, with_drivers: bool = True) -> "Network":
+        if not self.bootstrap:
+            self.broker = LocalBroker(host=self.spec.host, log_path=self.run_dir / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+        ensure_topics(KafkaSettings(self.bootstrap, self.spec.topic_prefix))
+        self.start_central()
+        for cp_id, _, _ in self.cps:
+            self.start_engine(cp_id)
+            self.start_monitor(cp_id)
+        if with_drivers:
+            for i in range(self.spec.drivers):
+                self.start_driver(f"driver{i + 1}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM everything (drivers and CPs first, Central last), then SIGKILL stragglers."""
+        order = [n for n in self.procs if n.startswith("driver:")] + \
+                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["central"]
+        for name in order:
+            self.signal(name, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name in order:
+            p = self.procs.get(name)
+            if p and p.popen:
+                try:
+                    p.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait(5)
+            if p and p.log_file:
+                p.log_file.close()
+                p.log_file = None
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> "Network":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- components --------------------------------------------------------------
+    def _common(self, name: str) -> list[str]:
+        args = ["--log-file", str(self.run_dir / f"{name.replace(':', '-')}.detail.log")]
+        if self.spec.topic_prefix:
+            args += ["--topic-prefix", self.spec.topic_prefix]
+        return args
+
+    def start_central(self) -> Proc:
+        seed = self.run_dir / "cps.csv"
+        with open(seed, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(self.cps)
+        cmd = python_cmd("central", str(self.central_port), self.bootstrap, "--db", str(self.db_path),
+                         "--host", self.spec.host, "--seed", str(seed), "--panel", self.spec.panel,
+                         "--life-timeout", str(self.spec.life_timeout), "--no-console",
+                         *self._common("central"), *self.spec.extra_central)
+        proc = self._spawn("central", cmd, inherit_stdout=self.spec.panel == "rich")
+        if not wait_for_port(self.spec.host, self.central_port, 20):
+            raise RuntimeError(f"Central did not listen on {self.spec.host}:{self.central_port}; see {proc.log_path}")
+        return proc
+
+    def start_engine(self, cp_id: str) -> Proc:
+        port = self.engine_ports.setdefault(cp_id, free_port(self.spec.host))
+        cmd = python_cmd("engine", self.bootstrap, "--listen", f"{self.spec.host}:{port}", "--cp-id", cp_id,
+                         "--journal", str(self.run_dir / f"engine-{cp_id}.journal.db"), "--auto-plug",
+                         "--plug-delay", str(self.spec.plug_delay), "--supply-seconds", str(self.spec.supply_seconds),
+                         "--power-kw", str(self.spec.power_kw), "--tick", str(self.spec.tick), "--no-console",
+                         *self._common(f"engine:{cp_id}"))
+        proc = self._spawn(f"engine:{cp_id}", cmd)
+        wait_for_port(self.spec.host, port, 20)
+        return proc
+
+    def start_monitor(self, cp_id: str) -> Proc:
+        location = next((loc for cp, loc, _ in self.cps if cp == cp_id), cp_id)
+        cmd = python_cmd("monitor", f"{self.spec.host}:{self.engine_ports[cp_id]}",
+                         f"{self.spec.host}:{self.central_port}", cp_id, "--location", location,
+                         *self._common(f"monitor:{cp_id}"))
+        return self._spawn(f"monitor:{cp_id}", cmd)
+
+    def services_file(self, driver_id: str, index: int) -> Path:
+        path = self.run_dir / f"{driver_id}.services"
+        if not path.exists():
+            ids = [cp for cp, _, _ in self.cps]
+            lines = [ids[(index + k) % len(ids)] for k in range(self.spec.services)]
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    def start_driver(self, driver_id: str) -> Proc:
+        index = int("".join(ch for ch in driver_id if ch.isdigit()) or "0")
+        cmd = python_cmd("driver", self.bootstrap, driver_id, "--services", str(self.services_file(driver_id, index)),
+                         "--pause", str(self.spec.pause), "--exit-when-done", "--no-console",
+                         "--results-json", str(self.run_dir / f"{driver_id}.results.json"),
+                         *self._common(f"driver:{driver_id}"))
+        return self._spawn(f"driver:{driver_id}", cmd)
+
+    def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False) -> Proc:
+        old = self.procs.get(name)
+        if old and old.popen and old.popen.poll() is None:
+            raise RuntimeError(f"{name} is already running (pid {old.popen.pid})")
+        log_path = self.run_dir / f"{name.replace(':', '-')}.log"
+        log_file = open(log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if inherit_stdout else log_file,
+                                 stderr=log_file, env=env)
+        proc = Proc(name, cmd, log_path, popen, log_file)
+        self.procs[name] = proc
+        log.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
+        return proc
+
+    # --- fault injection -----------------------------------------------------------
+    def signal(self, name: str, sig: int) -> None:
+        p = self.procs.get(name)
+        if p and p.popen and p.popen.poll() is None:
+            p.popen.send_signal(sig)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component (no cleanup at all, like a pulled plug)."""
+        p = self.procs[name]
+        assert p.popen is not None
+        p.popen.kill()
+        p.popen.wait(10)
+
+    def restart(self, name: str) -> Proc:
+        kind, _, ident = name.partition(":")
+        if kind == "central":
+            return self.start_central()
+        if kind == "engine":
+            return self.start_engine(ident)
+        if kind == "monitor":
+            return self.start_monitor(ident)
+        if kind == "driver":
+            return self.start_driver(ident)
+        raise ValueError(f"unknown component {name!r}")
+
+    def alive(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return bool(p and p.popen and p.popen.poll() is None)
+
+    def drivers_running(self) -> list[str]:
+        return [n for n in self.procs if n.startswith("driver:") and self.alive(n)]
+
+    # --- results -------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Sessions, tickets, totals and per-driver results, from Central's DB and the drivers' files."""
+        with Repository(self.db_path) as repo:
+            tickets = repo.tickets()
+            stats = repo.stats()
+            sessions = [repo.get_session(t.session_id) for t in tickets]
+            cps = {c.cp_id: {"state": c.state, "price_eur_kwh": c.price_eur_kwh} for c in repo.list_cps()}
+        drivers = {}
+        for name in sorted(self.procs):
+            if name.startswith("driver:"):
+                ident = name.split(":", 1)[1]
+                path = self.run_dir / f"{ident}.results.json"
+                drivers[ident] = json.loads(path.read_text()) if path.exists() else None
+        return {
+            "sessions": stats["sessions"],
+            "tickets": [
+                {"session_id": t.session_id, "driver_id": t.driver_id, "cp_id": t.cp_id, "energy_kwh": t.energy_kwh,
+                 "price_eur_kwh": t.price_eur_kwh, "cost_eur": t.cost_eur, "end_reason": t.end_reason}
+                for t in tickets
+            ],
+            "completed_sessions": [s.session_id for s in sessions if s and s.status == "completed"],
+            "totals": {"tickets": len(tickets), "energy_kwh": round(sum(t.energy_kwh for t in tickets), 6),
+                       "cost_eur": round(sum(t.cost_eur for t in tickets), 2)},
+            "cps": cps,
+            "drivers": drivers,
+            "run_dir": str(self.run_dir),
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evcharging", description="Run a whole EV charging network on this machine.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start broker, Central, CPs and drivers as separate processes")
+    opt.add(up, "--broker", default=None, help="use this Kafka HOST:PORT instead of starting a local broker")
+    opt.add(up, "--cps", default=3, type=int, help="number of charging points")
+    opt.add(up, "--drivers", default=2, type=int, help="number of drivers")
+    opt.add(up, "--services", default=10, type=int, help="services (CP requests) per driver")
+    opt.add(up, "--supply-seconds", default=5.0, type=float, help="how long each unattended supply lasts")
+    opt.add(up, "--pause", default=4.0, type=float, help="seconds a driver waits between services")
+    opt.add(up, "--host", default="127.0.0.1", help="address every component listens on")
+    opt.add(up, "--topic-prefix", default="", help="prefix of every Kafka topic")
+    opt.add(up, "--run-dir", default=None, help="where logs, databases and journals go (default run/<time>)")
+    opt.add(up, "--panel", default="auto", choices=("auto", "rich", "text", "off"),
+            help="Central's panel in this terminal (auto: rich on a terminal, off otherwise)")
+    opt.add(up, "--until-idle", action="store_true", default=False,
+            help="exit when every driver finished its services")
+    opt.add(up, "--summary-json", default=None, help="write the run's summary here (with --until-idle)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir or Path("run") / time.strftime("%Y%m%d-%H%M%S"))
+    panel = args.panel if args.panel != "auto" else ("rich" if sys.stdout.isatty() else "off")
+    setup_logging("evcharging", "", log_file=run_dir / "launcher.log")
+    spec = NetworkSpec(run_dir=run_dir, cps=args.cps, drivers=args.drivers, services=args.services,
+                       broker=args.broker, host=args.host, topic_prefix=args.topic_prefix,
+                       supply_seconds=args.supply_seconds, pause=args.pause, panel=panel)
+    net = Network(spec)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        log.info("Starting a network of %d CPs and %d drivers; logs in %s", args.cps, args.drivers, run_dir)
+        net.start()
+        if panel != "rich":
+            log.info("Central listens on %s:%d, Kafka at %s", spec.host, net.central_port, net.bootstrap)
+        while not stop.wait(0.25):
+            if args.until_idle and not net.drivers_running():
+                break
+            if not net.alive("central"):
+                log.error("Central exited; see %s", net.procs["central"].log_path)
+                break
+        code = 0
+    except (BrokerUnavailable, RuntimeError, OSError) as exc:
+        log.error("Cannot start the network: %s", exc)
+        code = 1
+    finally:
+        summary = None
+        try:
+            if net.db_path.exists():
+                summary = net.summary()
+        except Exception as exc:
+            log.error("Cannot read the run's summary: %s", exc)
+        net.stop()
+    if summary is not None:
+        t = summary["totals"]
+        log.info("Run finished: %d tickets, %.3f kWh, %.2f € — details in %s", t["tickets"], t["energy_kwh"],
+                 t["cost_eur"], run_dir)
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return code
