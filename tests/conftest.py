@@ -45,3 +45,15 @@ def kafka_settings(broker: "LocalBroker", request: pytest.FixtureRequest) -> "Ka
     settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=prefix)
     ensure_topics(settings)
     return settings
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+    """Print the fault matrix (tests/fault_matrix.py) when any scenario recorded a row."""
+    from tests import fault_matrix
+
+    if fault_matrix.ROWS:
+        terminalreporter.section("fault matrix")
+        terminalreporter.write_line(fault_matrix.render())
+        bad = [r.scenario for r in fault_matrix.ROWS if r.lost or r.double_billed]
+        terminalreporter.write_line("lost and double-billed are 0 everywhere" if not bad
+                                    else f"LOST OR DOUBLE-BILLED SUPPLIES in: {', '.join(bad)}")

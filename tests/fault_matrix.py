@@ -1,0 +1,53 @@
+"""The fault matrix: every failure scenario records one row; pytest prints the table.
+
+A row says how many supplies a scenario started, how many tickets Central
+issued, how many it should have issued, how many supplies were lost (no
+ticket) or double-billed (two tickets), and how long service took to come
+back. Lost and double-billed must be 0 everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROWS: list["Row"] = []
+
+
+@dataclass(frozen=True)
+class Row:
+    scenario: str
+    supplies_started: int
+    tickets_issued: int
+    tickets_expected: int
+    lost: int
+    double_billed: int
+    recover_s: float | None
+
+
+def record(scenario: str, started: int, issued: int, expected: int, lost: int, double: int,
+           recover_s: float | None) -> Row:
+    row = Row(scenario, started, issued, expected, lost, double, recover_s)
+    ROWS.append(row)
+    return row
+
+
+def billing_row(scenario: str, db_path: str, session_ids: list[str], recover_s: float | None) -> Row:
+    """Build a row from Central's database for the supplies a scenario started."""
+    from persistence import Repository
+
+    with Repository(db_path) as repo:
+        tickets = repo.tickets()
+    per_session = {sid: sum(1 for t in tickets if t.session_id == sid) for sid in session_ids}
+    lost = sum(1 for n in per_session.values() if n == 0)
+    double = sum(1 for n in per_session.values() if n > 1)
+    issued = sum(per_session.values())
+    return record(scenario, len(session_ids), issued, len(session_ids), lost, double, recover_s)
+
+
+def render() -> str:
+    head = ("scenario", "started", "tickets", "expected", "lost", "double-billed", "recover s")
+    rows = [(r.scenario, str(r.supplies_started), str(r.tickets_issued), str(r.tickets_expected), str(r.lost),
+             str(r.double_billed), "-" if r.recover_s is None else f"{r.recover_s:.2f}") for r in ROWS]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
