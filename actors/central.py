@@ -49,6 +49,7 @@ class CentralConfig:
     life_timeout: float = 3.0
     authorize_timeout: float = 5.0
     panel_interval: float = 0.5
+    request_max_age: float = 10.0  # a charge request older than this was sent while Central was away
 
 
 @dataclass(eq=False)
@@ -487,7 +488,13 @@ class CentralActor(SupervisedActor):
                 self._to_driver(d, protocol.AvailableCpsResponse(driver_id=d, correlation_id=corr, charging_points=cps))
             case protocol.ChargeRequest(driver_id=d, cp_id=cp_id, correlation_id=corr):
                 self.repo.ensure_driver(d)
-                denial = self._authorize(cp_id, d, "driver", corr)
+                age = time.time() - item.timestamp if item.timestamp else 0.0
+                if age > self.config.request_max_age:
+                    # SPEC §3: no new requests are accepted while Central is down, even when
+                    # Kafka kept them; the driver was already told Central was unavailable.
+                    denial = f"request expired: it was sent {age:.0f} s ago, while Central was unavailable"
+                else:
+                    denial = self._authorize(cp_id, d, "driver", corr)
                 if denial:
                     self._note(f"Driver {d} denied at {cp_id}: {denial}")
                     self._to_driver(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="denied",

@@ -61,6 +61,7 @@ class CentralSystemConfig:
     default_price: float = 0.30
     life_timeout: float = 3.0
     authorize_timeout: float = 5.0
+    request_max_age: float = 10.0
     panel: str = "off"
     console: bool = False
     group_id: str = "evcharging-central"
@@ -89,7 +90,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         log.warning("%s — Central starts anyway and keeps retrying", exc)
     directory = Directory()
     central_cfg = CentralConfig(db_path=config.db_path, enroll=config.enroll, default_price=config.default_price,
-                                life_timeout=config.life_timeout, authorize_timeout=config.authorize_timeout)
+                                life_timeout=config.life_timeout, authorize_timeout=config.authorize_timeout,
+                                request_max_age=config.request_max_age)
     children = [
         ChildSpec("ledger", LedgerActor, (config.db_path,)),
         ChildSpec("publisher", Publisher, (settings,), {"component": "central"}),
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(p, "--seed", default=None, help="CSV file of id,location,price to load at start")
     opt.add(p, "--life-timeout", default=3.0, type=float, help="seconds without a life message → DISCONNECTED")
     opt.add(p, "--authorize-timeout", default=5.0, type=float, help="seconds to wait for a CP's authorisation")
+    opt.add(p, "--request-max-age", default=10.0, type=float,
+            help="charge requests older than this (sent while Central was down) are denied")
     opt.add(p, "--panel", default="rich", choices=("rich", "text", "off"),
             help="live terminal panel; 'off' gives plain log lines")
     opt.add(p, "--group-id", default="evcharging-central", help="Kafka consumer group of Central (the topic prefix is prepended)")
@@ -148,7 +152,7 @@ def main(argv: list[str]) -> int:
     config = CentralSystemConfig(
         port=args.port, broker=args.broker, db_path=args.db, host=args.host, topic_prefix=args.topic_prefix,
         enroll=args.enroll, default_price=args.default_price, life_timeout=args.life_timeout,
-        authorize_timeout=args.authorize_timeout, panel=args.panel, console=not args.no_console,
+        authorize_timeout=args.authorize_timeout, request_max_age=args.request_max_age, panel=args.panel, console=not args.no_console,
         group_id=args.group_id)
     return run_until_signal(lambda: start_central(config), "Central")
 

@@ -244,3 +244,15 @@ def test_panel_render_shows_live_supply() -> None:
     for expected in ("ALC1", "SUPPLYING", "7.4 kW", "1.234 kWh", "0.37 €", "driver driver7", "Out of Order",
                      "BROKEN", "engine KO", "CP ALC1 is supplying"):
         assert expected in text, expected
+
+
+def test_a_request_sent_while_central_was_away_is_denied_not_served(central) -> None:
+    """Kafka keeps requests made during an outage; Central must not act on them later."""
+    active_monitor(central, "MAD1")
+    corr = uuid.uuid4().hex
+    msg = protocol.ChargeRequest(driver_id="d1", cp_id="MAD1", correlation_id=corr)
+    central.peer.producer.send(central.peer.settings.topic("driver_requests"), key=b"d1",
+                               value=protocol.encode(msg), timestamp_ms=int((time.time() - 60) * 1000))
+    central.peer.producer.flush(5)
+    r = response(central, corr)
+    assert r.status == "denied" and "while Central was unavailable" in r.reason

@@ -254,6 +254,7 @@ class Inbound:
     error: str | None
     partition: int
     offset: int
+    timestamp: float = 0.0  # when the producer sent it (seconds since the epoch; 0 if unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,10 +417,11 @@ class ConsumerPump(SupervisedActor):
     def _inbound(self, record: Any) -> Inbound:
         topic = self._real_to_logical.get(record.topic, record.topic)
         key = record.key.decode("utf-8", "replace") if record.key is not None else None
+        sent = record.timestamp / 1000.0 if record.timestamp and record.timestamp > 0 else 0.0
         try:
-            return Inbound(topic, key, self._decode(record.value or b""), None, record.partition, record.offset)
+            return Inbound(topic, key, self._decode(record.value or b""), None, record.partition, record.offset, sent)
         except Exception as exc:
-            return Inbound(topic, key, None, str(exc), record.partition, record.offset)
+            return Inbound(topic, key, None, str(exc), record.partition, record.offset, sent)
 
     def _deliver(self, delivery: Delivery) -> bool:
         """Ask the target until it handled the delivery; False when stopping."""
