@@ -31,7 +31,7 @@ from persistence import Conflict, Repository, SessionRecord
 from transport import protocol
 from transport.kafka import Delivery, Publish
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
-from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule
+from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 
 log = logging.getLogger("evcharging.central")
 
@@ -216,7 +216,7 @@ class CentralActor(SupervisedActor):
         cp = self._cp_of(link)
         if cp is None:
             log.warning("Ignored %s from an unregistered connection", msg.TYPE)
-            link.tell(Send(protocol.ErrorMessage(reason="register first: send register_request with your cp_id",
+            tell(link, Send(protocol.ErrorMessage(reason="register first: send register_request with your cp_id",
                                                  correlation_id=protocol.correlation_of(msg))))
             return
         match msg:
@@ -253,7 +253,7 @@ class CentralActor(SupervisedActor):
             case protocol.CpSupplyRequest(driver_id=driver, correlation_id=corr):
                 denial = self._authorize(cp.cp_id, driver, "cp", corr)
                 if denial:
-                    link.tell(Send(protocol.CpSupplyResponse(correlation_id=corr, cp_id=cp.cp_id, status="denied",
+                    tell(link, Send(protocol.CpSupplyResponse(correlation_id=corr, cp_id=cp.cp_id, status="denied",
                                                              reason=denial)))
             case protocol.ErrorMessage(reason=reason):
                 log.warning("CP %s says: %s", cp.cp_id, reason)
@@ -265,7 +265,7 @@ class CentralActor(SupervisedActor):
         if rec is None:
             if self.config.enroll != "open":
                 reason = f"unknown CP {req.cp_id} (enrolment is closed)"
-                link.tell(Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied", reason=reason)))
+                tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied", reason=reason)))
                 self._note(f"Refused registration of {req.cp_id}: {reason}")
                 return
             rec = self.repo.enroll_cp(req.cp_id, req.location or self.config.default_location, self.config.default_price)
@@ -277,14 +277,14 @@ class CentralActor(SupervisedActor):
         if cp.link is not None and cp.link.actor_urn != link.actor_urn:
             old = cp.link
             self._by_link.pop(old.actor_urn, None)
-            old.tell(Close("replaced by a new connection of the same CP"))
+            tell(old, Close("replaced by a new connection of the same CP"))
         cp.link = link
         cp.engine_ok = None  # known with the first heartbeat
         self._by_link[link.actor_urn] = cp.cp_id
-        link.tell(Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
+        tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
                                                  price_eur_kwh=cp.price, location=cp.location)))
         if cp.stopped:
-            link.tell(Send(protocol.StopCp(reason="stopped by Central")))
+            tell(link, Send(protocol.StopCp(reason="stopped by Central")))
         self._note(f"CP {cp.cp_id} registered ({cp.location})")
         self._refresh(cp)
 
@@ -355,7 +355,7 @@ class CentralActor(SupervisedActor):
         cp.session_id, cp.driver_id = session_id, driver_id
         cp.energy_kwh = cp.cost_eur = cp.power_kw = 0.0
         self._live[session_id] = cp
-        cp.link.tell(Send(protocol.AuthorizeSupply(correlation_id=corr, session_id=session_id, driver_id=driver_id,
+        tell(cp.link, Send(protocol.AuthorizeSupply(correlation_id=corr, session_id=session_id, driver_id=driver_id,
                                                    price_eur_kwh=cp.price, cp_id=cp_id)))
         self._driver_event(driver_id, session_id, cp_id, "requested", f"asked CP {cp_id} to authorise")
         self._driver_event(driver_id, session_id, cp_id, "waiting_cp", None)
@@ -394,7 +394,7 @@ class CentralActor(SupervisedActor):
                 status="authorized" if accepted else "denied", cp_id=p.cp_id,
                 session_id=p.session_id if accepted else None, reason=None if accepted else reason))
         else:
-            p.link.tell(Send(protocol.CpSupplyResponse(
+            tell(p.link, Send(protocol.CpSupplyResponse(
                 correlation_id=p.request_correlation, cp_id=p.cp_id, status="authorized" if accepted else "denied",
                 session_id=p.session_id if accepted else None, reason=None if accepted else reason)))
             if not accepted:
@@ -509,7 +509,7 @@ class CentralActor(SupervisedActor):
                         driver_id=d, correlation_id=corr, status="error", session_id=sid,
                         reason=f"CP {cp.cp_id} is not connected; the supply ends when it reports"))
                 else:
-                    cp.link.tell(Send(protocol.StopSupply(session_id=sid, reason="driver_stop")))
+                    tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="driver_stop")))
                     self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="ok",
                                                                      session_id=sid))
                     self._note(f"Driver {d} asked to stop session {sid}")
@@ -562,7 +562,7 @@ class CentralActor(SupervisedActor):
         for cp in targets:
             cp.stopped = action == "stop"
             if cp.link is not None:
-                cp.link.tell(Send(protocol.StopCp(reason="stopped by Central") if cp.stopped else protocol.ResumeCp()))
+                tell(cp.link, Send(protocol.StopCp(reason="stopped by Central") if cp.stopped else protocol.ResumeCp()))
             self._refresh(cp)
         what = "all CPs" if cp_id is None else f"CP {cp_id}"
         self._note(f"{'Stopped' if action == 'stop' else 'Resumed'} {what}")
