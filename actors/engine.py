@@ -169,7 +169,11 @@ class EngineActor(SupervisedActor):
         self.stopped = False
         self.stop_reason = ""
         self._journal: EngineJournal | None = None
-        self._links: list[pykka.ActorRef[Any]] = []  # in LinkUp order: the last is the Monitor
+        self._links: list[pykka.ActorRef[Any]] = []  # in LinkUp order
+        # Links that said hello: the newest of them is the Monitor. A connection that
+        # never said hello (a stray client, garbage) must not receive the CP's reports.
+        self._greeted: dict[str, str] = {}  # link urn -> peer
+        self._peers: dict[str, str] = {}  # link urn -> peer, for every live link
         self._supply: _Supply | None = None
         self._pending: dict[str, _Pending] = {}
         self._drained: list[threading.Event] = []
@@ -247,7 +251,10 @@ class EngineActor(SupervisedActor):
     # --- links -------------------------------------------------------------------
     @property
     def _monitor(self) -> pykka.ActorRef[Any] | None:
-        return self._links[-1] if self._links else None
+        for link in reversed(self._links):
+            if link.actor_urn in self._greeted:
+                return link
+        return None
 
     def _known(self, link: pykka.ActorRef[Any]) -> bool:
         return any(l.actor_urn == link.actor_urn for l in self._links)
@@ -255,15 +262,18 @@ class EngineActor(SupervisedActor):
     def _on_link_up(self, link: pykka.ActorRef[Any], peer: str) -> None:
         if not self._known(link):
             self._links.append(link)
-        log.info("%s: a Monitor connected from %s", self._me, peer)
+        self._peers[link.actor_urn] = peer
+        log.debug("%s: a connection from %s (a Monitor once it says hello)", self._me, peer)
 
     def _on_link_down(self, link: pykka.ActorRef[Any], peer: str, reason: str) -> None:
         was_monitor = self._monitor is not None and self._monitor.actor_urn == link.actor_urn
         self._links = [l for l in self._links if l.actor_urn != link.actor_urn]
+        self._greeted.pop(link.actor_urn, None)
+        self._peers.pop(link.actor_urn, None)
         if not was_monitor:
-            log.debug("%s: an older Monitor link from %s closed (%s)", self._me, peer, reason)
+            log.debug("%s: a connection from %s that is not the Monitor closed (%s)", self._me, peer, reason)
             return
-        if self._links:
+        if self._monitor is not None:
             log.info("%s: the Monitor link from %s closed (%s); a newer one is still up", self._me, peer, reason)
             return
         log.warning("%s: lost its Monitor (%s) — accepting no new supply until it is back", self._me, reason)
@@ -322,6 +332,10 @@ class EngineActor(SupervisedActor):
             log.warning("%s: the Monitor now says this CP is %s", self._me, cp_id)
         changed = (cp_id, price) != (self.cp_id, self.price_eur_kwh)
         self.cp_id, self.price_eur_kwh = cp_id, price
+        if link.actor_urn not in self._greeted:
+            peer = self._peers.get(link.actor_urn, "")
+            self._greeted[link.actor_urn] = peer
+            log.info("%s: a Monitor connected%s", self._me, f" from {peer}" if peer else " (again, after a restart)")
         (log.info if changed else log.debug)(
             "%s: the Monitor confirmed the CP id; price %s", cp_id,
             f"{price:.2f} €/kWh" if price else "not known yet (Central has not answered)",

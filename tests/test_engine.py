@@ -378,6 +378,26 @@ def test_losing_the_monitor_ends_the_supply_with_monitor_lost(engine, done_reade
     wait_until(lambda: status(system)["state"] == "idle" and not status(system)["monitor_connected"])
 
 
+def test_a_connection_that_never_said_hello_is_not_the_monitor(engine, done_reader) -> None:
+    """A stray client (garbage, a port scanner) that did the ENQ handshake must not receive the
+    CP's reports, and its leaving must not end the supply: the Monitor is the newest link that said hello."""
+    system, peer = engine
+    stray = connect_when_listening("127.0.0.1", engine_port(system))
+    try:
+        stray.send(protocol.HealthCheck(seq=7))  # a stray may talk, but it never said hello
+        stray.wait_for("health_status", lambda m: m["seq"] == 7)
+        peer.send(authorize("S1"))
+        assert peer.wait_for("supply_started")["session_id"] == "S1"
+        wait_until(lambda: status(system)["seq"] >= 2, what="a few ticks")
+    finally:
+        stray.close()
+    wait_until(lambda: status(system)["seq"] >= 4, what="more ticks after the stray left")
+    assert status(system)["state"] == "supplying"  # not ended with monitor_lost
+    peer.send(protocol.StopSupply(session_id="S1", reason="driver_stop"))
+    assert peer.wait_for("supply_ended")["end_reason"] == "driver_stop"
+    assert not stray.messages("supply_started") and not stray.messages("supply_ended")
+
+
 def test_a_restarted_engine_actor_reports_its_supply_and_has_the_monitor_say_hello_again(engine, done_reader) -> None:
     system, peer = engine
     peer.send(authorize("S1"))

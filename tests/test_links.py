@@ -94,6 +94,20 @@ def test_bad_lrc_bad_json_oversized_are_nacked_and_the_link_survives(server) -> 
     s.close()
 
 
+def test_json_nested_too_deeply_is_nacked_not_a_crash(server) -> None:
+    """json.loads raises RecursionError (not ValueError) on ~30,000 "[": the link must NACK it."""
+    directory, port = server
+    s = raw_session(port)
+    for data in (b"[" * 30000 + b"]" * 30000, b'{"a":' * 5000 + b"1" + b"}" * 5000):
+        s.sendall(framing.encode_frame(data))
+        assert s.recv(1) == bytes([framing.NACK])
+    good = framing.encode_frame(protocol.encode(protocol.Heartbeat(cp_id="DEEP", engine_ok=True)))
+    s.sendall(good)
+    assert s.recv(1) == bytes([framing.ACK])  # the same connection still works
+    wait_until(lambda: protocol.Heartbeat(cp_id="DEEP", engine_ok=True) in frames_in(directory))
+    s.close()
+
+
 def test_valid_json_but_bad_message_gets_ack_and_an_error_reply(server) -> None:
     _, port = server
     with FrameClient.connect("127.0.0.1", port) as client:
@@ -139,6 +153,30 @@ def test_garbage_half_frames_and_connection_churn_leave_the_server_serving(serve
         assert client.recv_json(timeout=5)["reason"] == "echo CP4"
     h.close()
     wait_until(lambda: directory.get("listener").ask("connections") == 0, what="all connection actors gone")
+
+
+def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
+    """A peer that starts a frame and goes silent must not hold a connection slot forever
+    (an Engine accepts only 4 connections)."""
+    directory = Directory()
+    tree = start_tree("t", [ChildSpec("owner", Owner), ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
+                      directory=directory)
+    try:
+        tree.ask(StartChild(ChildSpec(
+            "listener", Listener, ("127.0.0.1", 0, "owner", directory, spawner(directory.get("conns"))),
+            {"options": LinkOptions(io_timeout=0.2, frame_timeout=0.6)})))
+        port = directory.get("listener").ask("port")
+        idle = raw_session(port)  # a session with nothing in flight is not a half frame: it stays
+        h = raw_session(port)
+        h.sendall(bytes([framing.STX]) + b'{"type": "heart')
+        h.settimeout(5)
+        assert h.recv(100) == b""  # closed by the server
+        wait_until(lambda: any(isinstance(e, LinkDown) and "part of a frame" in e.reason
+                               for e in directory.get("owner").ask("events")), what="LinkDown with the reason")
+        assert directory.get("listener").ask("connections") == 1
+        idle.close()
+    finally:
+        tree.stop()
 
 
 def test_full_listener_answers_nack(server) -> None:

@@ -334,6 +334,8 @@ class FrameClient:
             parsed = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             return None, f"bad JSON ({exc})"
+        except RecursionError:
+            return None, "bad JSON (nested too deeply)"
         if not isinstance(parsed, dict):
             return None, "JSON that is not an object"
         return parsed, None

@@ -24,6 +24,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -113,6 +114,7 @@ class LinkOptions:
     max_garbage: int = 64 * 1024
     io_timeout: float = 5.0
     mailbox_batches: int = 64
+    frame_timeout: float = 10.0  # a peer silent in the middle of a frame for this long is dropped
 
 
 class FramedLink(SupervisedActor):
@@ -258,10 +260,8 @@ class FramedLink(SupervisedActor):
 
     def _on_frame(self, data: bytes) -> None:
         try:
-            obj = json.loads(data)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = _json_object(data)
+        except ValueError as exc:  # UnicodeDecodeError included
             self.stats["nacks_sent"] += 1
             self._bad_streak += 1
             log.warning("%s: frame from %s is not a JSON object (%s) — answered NACK", self.component, self.peer, exc)
@@ -362,6 +362,7 @@ class FramedLink(SupervisedActor):
         decoder = framing.FrameDecoder(self.options.max_data)
         me = self.actor_ref
         reason = "connection closed by peer"
+        last_bytes = time.monotonic()
         try:
             while True:
                 try:
@@ -369,9 +370,16 @@ class FramedLink(SupervisedActor):
                 except socket.timeout:
                     if self._sock is not sock:
                         return
+                    silent = time.monotonic() - last_bytes
+                    if decoder.in_frame and silent >= self.options.frame_timeout:
+                        # Half a frame and then silence: the slot it holds is worth more.
+                        reason = f"the peer sent part of a frame and then nothing for {silent:.0f} s"
+                        log.warning("%s: %s — closing the connection", self.component, reason)
+                        break
                     continue
                 if not chunk:
                     break
+                last_bytes = time.monotonic()
                 events = decoder.feed(chunk)
                 if not events:
                     continue
@@ -385,6 +393,17 @@ class FramedLink(SupervisedActor):
             me.tell(_ReaderClosed(sock_id, reason))
         except pykka.ActorDeadError:
             pass
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """A frame's DATA as a JSON object; ValueError saying why it is not one."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:  # some 30,000 "[" fit in one frame: a bad frame, not a crash
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
 
 
 def _close_socket(sock: socket.socket) -> None:
