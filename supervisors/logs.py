@@ -56,3 +56,28 @@ def setup_logging(component: str, ident: str = "", *, log_file: str | Path | Non
         root.addHandler(fh)
     for noisy in ("kafka", "pykka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _route_stray_exceptions()
+
+
+def _route_stray_exceptions() -> None:
+    """Exceptions nobody catches outside the actors (a library's ``__del__``,
+    a helper thread) would print a raw traceback on the terminal; send them
+    through logging instead: a sentence on the terminal, details in the file."""
+    import threading
+
+    stray = logging.getLogger("evcharging.errors")
+
+    def unraisable(u: "sys.UnraisableHookArgs") -> None:
+        if u.exc_value is not None:
+            stray.warning("Ignored an error while cleaning up %s: %s", getattr(u.object, "__qualname__", u.object),
+                          u.exc_value, exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
+
+    def thread_hook(a: threading.ExceptHookArgs) -> None:
+        if a.exc_type is SystemExit:
+            return
+        name = a.thread.name if a.thread else "?"
+        stray.error("A background thread (%s) failed: %s", name, a.exc_value,
+                    exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+
+    sys.unraisablehook = unraisable
+    threading.excepthook = thread_hook

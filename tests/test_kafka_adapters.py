@@ -163,3 +163,61 @@ def test_publisher_survives_a_broker_restart(tmp_path) -> None:
     finally:
         sup.stop()
         b2.stop()
+
+
+class _StuckOnceConsumer:
+    """The first consumer is wedged like kafka-python 3 after an outage: its poll never
+    returns (``hang``) or it never gets partitions back (``unassigned``); later ones work."""
+
+    instances: list["_StuckOnceConsumer"] = []
+    mode = "hang"
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        self.stuck = not _StuckOnceConsumer.instances
+        _StuckOnceConsumer.instances.append(self)
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict:
+        if self.stuck and self.mode == "hang":
+            self.closed.wait(60)
+        else:
+            self.closed.wait(timeout_ms / 1000)
+        return {}
+
+    def assignment(self) -> set:
+        return set() if self.stuck else {"tp"}
+
+    def close(self, autocommit: bool = False, timeout_ms: int = 0) -> None:
+        self.closed.set()
+
+
+class _StuckOncePump(ConsumerPump):
+    def _open(self) -> Any:
+        return _StuckOnceConsumer()
+
+
+@pytest.mark.parametrize("mode,sentence", [("hang", "has not answered for"), ("unassigned", "has had no partitions")])
+def test_a_pump_whose_kafka_client_is_wedged_is_replaced_with_a_sentence(kafka_settings, caplog, mode: str,
+                                                                          sentence: str) -> None:
+    import logging
+
+    from supervisors.supervisor import GetRestartLog
+
+    caplog.set_level(logging.WARNING, logger="evcharging")
+    _StuckOnceConsumer.instances.clear()
+    _StuckOnceConsumer.mode = mode
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, ([],)),
+        ChildSpec("pump", _StuckOncePump, (kafka_settings, ("charging_session_data",), "sink", directory),
+                  {"group_id": "g", "stall_timeout": 0.6}),
+    ], directory=directory)
+    try:
+        wait_until(lambda: sup.ask(GetRestartLog()), timeout=10, what="the wedged pump restarted")
+        first, _ = wait_until(lambda: _StuckOnceConsumer.instances[:2] if len(_StuckOnceConsumer.instances) > 1
+                              else None, timeout=5, what="a second consumer")
+        assert first.closed.wait(5), "the wedged consumer is closed so its thread can end"
+        assert any(sentence in r.getMessage() for r in caplog.records), caplog.text
+        assert wait_ready(directory.get("pump"), timeout=5)
+    finally:
+        sup.stop()

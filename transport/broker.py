@@ -40,6 +40,18 @@ class KafkaSettings:
     fetch_max_wait_ms: int = 10
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
+    # kafka-python 3 waits up to 30 s between reconnects and blocks up to 30 s to
+    # bootstrap: after a short broker outage a client would stay away for half a
+    # minute, and a producer being created would block its actor's mailbox as long.
+    reconnect_backoff_max_ms: int = 1000
+    bootstrap_timeout_ms: int = 3000
+
+    def client_options(self, client: type) -> dict[str, int]:
+        """Reconnect/bootstrap limits for a kafka-python client class (the keys it knows)."""
+        wanted = {"reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
+                  "bootstrap_timeout_ms": self.bootstrap_timeout_ms}
+        known = getattr(client, "DEFAULT_CONFIG", {})
+        return {k: v for k, v in wanted.items() if k in known}
 
     def topic(self, name: str) -> str:
         """The real topic name of a logical one (prefix for isolation)."""
@@ -66,6 +78,7 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> None:
                 bootstrap_servers=settings.bootstrap,
                 request_timeout_ms=settings.request_timeout_ms,
                 client_id="evcharging-admin",
+                **settings.client_options(KafkaAdminClient),
             )
         except (KafkaError, OSError, ValueError) as exc:
             last = exc
@@ -118,6 +131,8 @@ class LocalBroker:
 
     ``advertised_host`` is what clients are told to connect to: it must be an
     address the *clients* can reach (not 127.0.0.1 when they run elsewhere).
+    ``advertised_port`` (default: ``port``) is the port they are told, e.g.
+    that of a TCP proxy in front of the broker (the failure tests cut it).
     """
 
     def __init__(
@@ -127,10 +142,12 @@ class LocalBroker:
         advertised_host: str | None = None,
         log_path: str | Path | None = None,
         binary: str | None = None,
+        advertised_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
         self.advertised_host = advertised_host or (host if host != "0.0.0.0" else "127.0.0.1")
+        self.advertised_port = advertised_port or self.port
         self.log_path = Path(log_path) if log_path else None
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
@@ -138,7 +155,7 @@ class LocalBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.advertised_host}:{self.port}"
+        return f"{self.advertised_host}:{self.advertised_port}"
 
     @property
     def pid(self) -> int | None:
@@ -155,12 +172,13 @@ class LocalBroker:
         cmd = [
             binary, "broker",
             "--listener-url", f"tcp://{self.host}:{self.port}",
-            "--advertised-listener-url", f"tcp://{self.advertised_host}:{self.port}",
+            "--advertised-listener-url", f"tcp://{self.advertised_host}:{self.advertised_port}",
             "--storage-engine", "memory://tansu/",
         ]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        if not wait_for_port(self.advertised_host, self.port, timeout):
+        # The listener itself, not the advertised address (a proxy there may not run yet).
+        if not wait_for_port(self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port, timeout):
             code = self._proc.poll()
             self.stop()
             why = f"it exited with code {code}" if code is not None else f"it did not listen within {timeout:g} s"

@@ -11,7 +11,9 @@ Both turn Kafka into actor messages and back; neither knows the domain.
   not thread-safe), decodes each poll into a :class:`Delivery`, *asks* the
   target actor to handle it, and commits offsets only after the ask returned:
   at-least-once. If the handler fails, the pump crashes without committing;
-  its supervisor restarts it and the records are delivered again.
+  its supervisor restarts it and the records are delivered again. A watchdog
+  crashes it too when the Kafka client wedges (a call that never returns, or
+  a group that never finishes rejoining after a broker outage).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pykka
 
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings, ensure_topics
-from transport.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule, tell
+from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.kafka")
 
@@ -142,6 +144,9 @@ class Publisher(SupervisedActor):
             case _Acked():
                 self._in_flight -= 1
                 self._stats["acked"] += 1
+                if self._outage_attempts:  # the broker confirmed a record: the outage is over
+                    log.info("%s: Kafka at %s is reachable again", self.component, self.settings.bootstrap)
+                    self._outage_attempts = 0
             case _Retry():
                 self._retry_timer = None
                 self._drain()
@@ -163,6 +168,7 @@ class Publisher(SupervisedActor):
             max_block_ms=self.settings.max_block_ms,
             request_timeout_ms=self.settings.request_timeout_ms,
             delivery_timeout_ms=max(self.settings.request_timeout_ms * 2, 10_000),
+            **self.settings.client_options(KafkaProducer),
         )
         self._stats["producers"] += 1
 
@@ -172,7 +178,10 @@ class Publisher(SupervisedActor):
             try:
                 producer.close(timeout=0.5)
             except Exception:
-                pass
+                # It could not flush (Kafka is away): the records it held are in our
+                # backlog and will be resent. Mark it closed so its __del__ does not
+                # try (and fail) again at garbage collection.
+                producer._closed = True
 
     def _publish(self, p: Publish) -> None:
         if len(self._backlog) + self._in_flight >= self.max_pending:
@@ -238,9 +247,7 @@ class Publisher(SupervisedActor):
         while self._backlog:
             if not self._send(self._backlog.popleft()):
                 return
-        if self._outage_attempts:
-            log.info("%s: Kafka at %s is reachable again", self.component, self.settings.bootstrap)
-        self._outage_attempts = 0
+        # Handed to the producer is not delivered: "reachable again" waits for an acknowledgement.
 
 
 # --- consuming ---------------------------------------------------------------
@@ -274,6 +281,23 @@ class _PumpFailed:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    pass
+
+
+class ConsumerStalled(RuntimeError):
+    """A call into the Kafka client did not return (seen with kafka-python 3 after a broker outage)."""
+
+
+def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call, ignoring any error (for best-effort cleanup)."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        pass
+
+
 def partition_for(key: str, partitions: int) -> int:
     """The partition the default Kafka partitioner picks for ``key``."""
     from kafka.partitioner.default import murmur2
@@ -303,6 +327,7 @@ class ConsumerPump(SupervisedActor):
         ask_timeout: float = 30.0,
         max_records: int = 500,
         poll_ms: int = 100,
+        stall_timeout: float = 20.0,
         decode: Decoder = protocol.decode,
         supervision: Supervision | None = None,
     ) -> None:
@@ -319,39 +344,98 @@ class ConsumerPump(SupervisedActor):
         self.ask_timeout = ask_timeout
         self.max_records = max_records
         self.poll_ms = poll_ms
+        self.stall_timeout = stall_timeout
         self._decode = decode
         self._halt = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._real_to_logical = {settings.topic(t): t for t in topics}
+        # Watchdog. kafka-python 3 can wedge after a broker outage: a call that never
+        # returns, or a group rejoin that never completes (every poll() then returns
+        # nothing, silently). Without this, Central would stop billing without a word.
+        self._busy_since: float | None = None  # when the thread entered poll()/commit()
+        self._unassigned_since: float | None = None  # group mode: since when it has no partitions
+        self._consumer: Any = None
+        self._watch: Ticker | None = None
 
     def setup(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"{self.component}-pump", daemon=False)
+        # A daemon: a thread stuck inside the Kafka client must not keep the process alive
+        # (a normal stop still joins it, see teardown).
+        self._thread = threading.Thread(target=self._run, name=f"{self.component}-pump", daemon=True)
         self._thread.start()
+        self._watch = Ticker(max(0.5, self.stall_timeout / 4), self.actor_ref, _Watch(),
+                             name=f"{self.component}-watch")
 
     def teardown(self) -> None:
         self._halt.set()
+        if self._watch is not None:
+            self._watch.stop()
+        stalled = self._stall() is not None
+        busy = self._busy_since
+        if stalled and busy is not None and self._consumer is not None:
+            # The pump thread is stuck inside the client: close it from here (in a
+            # throwaway thread, close() may block too), which fails the stuck call.
+            threading.Thread(target=self._close, args=(self._consumer,), daemon=True,
+                             name=f"{self.component}-close").start()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.ask_timeout + 5)
+            self._thread.join(timeout=5.0 if stalled else self.ask_timeout + 5)
 
     def on_receive(self, message: Any) -> Any:
         match message:
             case _PumpFailed(error):
                 raise error  # crash: the supervisor restarts us, uncommitted records come again
+            case _Watch():
+                problem = self._stall()
+                if problem is not None:
+                    raise ConsumerStalled(f"the Kafka consumer at {self.settings.bootstrap} {problem}; "
+                                          "starting a new one")
             case PumpReady():
                 return self._ready.is_set()
         return None
+
+    def _stall(self) -> str | None:
+        """Why the consumer looks wedged (a sentence), or None."""
+        now = time.monotonic()
+        busy, unassigned = self._busy_since, self._unassigned_since
+        if busy is not None and now - busy > self.stall_timeout:
+            return f"has not answered for {now - busy:.0f} s"
+        if unassigned is not None and now - unassigned > self.stall_timeout:
+            return f"has had no partitions for {now - unassigned:.0f} s (its group never finished joining)"
+        return None
+
+    @staticmethod
+    def _close(consumer: Any) -> None:
+        """Close a consumer for good, within a few seconds whatever state it is in.
+
+        kafka-python 3 runs each client's network loop (and its group heartbeats) in
+        a thread of its own. If close() fails or hangs (broker away, a wedged call),
+        that thread would go on heartbeating for a member that never polls again,
+        and its group could never rebalance: no new consumer would get a partition.
+        So the loop is stopped explicitly afterwards.
+        """
+        closer = threading.Thread(target=_quietly, args=(consumer.close,),
+                                  kwargs={"autocommit": False, "timeout_ms": 1000}, daemon=True)
+        closer.start()
+        closer.join(3.0)
+        net = getattr(consumer, "_net", None)  # kafka-python 3 internals; absent elsewhere
+        if net is not None and getattr(net, "_io_thread", None) is not None:
+            _quietly(net.stop, timeout_ms=1000)
 
     # --- the pump thread ---------------------------------------------------
     def _run(self) -> None:
         consumer = None
         try:
-            consumer = self._open()
+            consumer = self._consumer = self._open()
             if consumer is None:
                 return
             while not self._halt.is_set():
+                self._busy_since = time.monotonic()
                 batch = consumer.poll(timeout_ms=self.poll_ms, max_records=self.max_records)
-                if not self._ready.is_set() and consumer.assignment():
+                self._busy_since = None
+                assigned = bool(consumer.assignment())
+                if self.group_id is not None:
+                    self._unassigned_since = None if assigned else (self._unassigned_since or time.monotonic())
+                if not self._ready.is_set() and assigned:
                     self._ready.set()
                 if not batch:
                     continue
@@ -359,16 +443,16 @@ class ConsumerPump(SupervisedActor):
                 if not self._deliver(Delivery(items)):
                     return
                 if self.group_id is not None:
+                    self._busy_since = time.monotonic()
                     consumer.commit()
+                    self._busy_since = None
         except Exception as exc:
             if not self._halt.is_set():
                 tell(self.actor_ref, _PumpFailed(exc))
         finally:
+            self._busy_since = self._unassigned_since = None
             if consumer is not None:
-                try:
-                    consumer.close(autocommit=False, timeout_ms=1000)
-                except Exception:
-                    pass
+                self._close(consumer)
 
     def _open(self) -> Any:
         from kafka import KafkaConsumer, TopicPartition
@@ -389,6 +473,7 @@ class ConsumerPump(SupervisedActor):
                     heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
                     request_timeout_ms=max(self.settings.request_timeout_ms, self.settings.session_timeout_ms + 1000),
                     max_poll_records=self.max_records,
+                    **self.settings.client_options(KafkaConsumer),
                 )
                 real = [self.settings.topic(t) for t in self.topics]
                 if self.group_id is not None:
