@@ -66,6 +66,15 @@ class NetworkSpec:
     panel: str = "rich"
     life_timeout: float = 3.0
     extra_central: list[str] = field(default_factory=list)
+    extra_engine: list[str] = field(default_factory=list)
+    extra_monitor: list[str] = field(default_factory=list)
+    extra_driver: list[str] = field(default_factory=list)
+    # Fault-injection knobs (tests/faults.py puts TCP proxies in these places):
+    broker_port: int = 0  # port of the local broker (0: a free one)
+    broker_advertised_port: int | None = None  # the port the local broker advertises (a proxy in front of it)
+    monitor_central: dict[str, str] = field(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Central
+    monitor_engine: dict[str, str] = field(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for its Engine
+    component_broker: dict[str, str] = field(default_factory=dict)  # "engine:MAD1", "central", ... -> bootstrap
 
 
 def python_cmd(program: str, *args: str) -> list[str]:
@@ -101,7 +110,9 @@ class Network:
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> "Network":
         if not self.bootstrap:
-            self.broker = LocalBroker(host=self.spec.host, log_path=self.run_dir / "broker.log").start()
+            self.broker = LocalBroker(host=self.spec.host, port=self.spec.broker_port,
+                                      advertised_port=self.spec.broker_advertised_port,
+                                      log_path=self.run_dir / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
         ensure_topics(KafkaSettings(self.bootstrap, self.spec.topic_prefix))
         self.start_central()
@@ -151,7 +162,7 @@ class Network:
         seed = self.run_dir / "cps.csv"
         with open(seed, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows(self.cps)
-        cmd = python_cmd("central", str(self.central_port), self.bootstrap, "--db", str(self.db_path),
+        cmd = python_cmd("central", str(self.central_port), self.broker_for("central"), "--db", str(self.db_path),
                          "--host", self.spec.host, "--seed", str(seed), "--panel", self.spec.panel,
                          "--life-timeout", str(self.spec.life_timeout), "--no-console",
                          *self._common("central"), *self.spec.extra_central)
@@ -162,20 +173,22 @@ class Network:
 
     def start_engine(self, cp_id: str) -> Proc:
         port = self.engine_ports.setdefault(cp_id, free_port(self.spec.host))
-        cmd = python_cmd("engine", self.bootstrap, "--listen", f"{self.spec.host}:{port}", "--cp-id", cp_id,
+        cmd = python_cmd("engine", self.broker_for(f"engine:{cp_id}"), "--listen", f"{self.spec.host}:{port}",
+                         "--cp-id", cp_id,
                          "--journal", str(self.run_dir / f"engine-{cp_id}.journal.db"), "--auto-plug",
                          "--plug-delay", str(self.spec.plug_delay), "--supply-seconds", str(self.spec.supply_seconds),
                          "--power-kw", str(self.spec.power_kw), "--tick", str(self.spec.tick), "--no-console",
-                         *self._common(f"engine:{cp_id}"))
+                         *self._common(f"engine:{cp_id}"), *self.spec.extra_engine)
         proc = self._spawn(f"engine:{cp_id}", cmd)
         wait_for_port(self.spec.host, port, 20)
         return proc
 
     def start_monitor(self, cp_id: str) -> Proc:
         location = next((loc for cp, loc, _ in self.cps if cp == cp_id), cp_id)
-        cmd = python_cmd("monitor", f"{self.spec.host}:{self.engine_ports[cp_id]}",
-                         f"{self.spec.host}:{self.central_port}", cp_id, "--location", location,
-                         *self._common(f"monitor:{cp_id}"))
+        engine = self.spec.monitor_engine.get(cp_id, f"{self.spec.host}:{self.engine_ports[cp_id]}")
+        central = self.spec.monitor_central.get(cp_id, f"{self.spec.host}:{self.central_port}")
+        cmd = python_cmd("monitor", engine, central, cp_id, "--location", location,
+                         *self._common(f"monitor:{cp_id}"), *self.spec.extra_monitor)
         return self._spawn(f"monitor:{cp_id}", cmd)
 
     def services_file(self, driver_id: str, index: int) -> Path:
@@ -188,11 +201,20 @@ class Network:
 
     def start_driver(self, driver_id: str) -> Proc:
         index = int("".join(ch for ch in driver_id if ch.isdigit()) or "0")
-        cmd = python_cmd("driver", self.bootstrap, driver_id, "--services", str(self.services_file(driver_id, index)),
+        cmd = python_cmd("driver", self.broker_for(f"driver:{driver_id}"), driver_id,
+                         "--services", str(self.services_file(driver_id, index)),
                          "--pause", str(self.spec.pause), "--exit-when-done", "--no-console",
                          "--results-json", str(self.run_dir / f"{driver_id}.results.json"),
-                         *self._common(f"driver:{driver_id}"))
+                         *self._common(f"driver:{driver_id}"), *self.spec.extra_driver)
         return self._spawn(f"driver:{driver_id}", cmd)
+
+    def broker_for(self, name: str) -> str:
+        """The Kafka bootstrap component ``name`` is given (``spec.component_broker`` or the network's).
+
+        Kafka clients only bootstrap there: they then connect to what the
+        broker advertises, so a proxy given here must also be what it advertises.
+        """
+        return self.spec.component_broker.get(name, self.bootstrap)
 
     def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False) -> Proc:
         old = self.procs.get(name)
@@ -232,6 +254,12 @@ class Network:
         if kind == "driver":
             return self.start_driver(ident)
         raise ValueError(f"unknown component {name!r}")
+
+    def pid(self, name: str) -> int:
+        """The OS process id of a running component (for /proc reads such as its memory)."""
+        p = self.procs[name]
+        assert p.popen is not None
+        return p.popen.pid
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)
@@ -280,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(up, "--services", default=10, type=int, help="services (CP requests) per driver")
     opt.add(up, "--supply-seconds", default=5.0, type=float, help="how long each unattended supply lasts")
     opt.add(up, "--pause", default=4.0, type=float, help="seconds a driver waits between services")
+    opt.add(up, "--power-kw", default=22.0, type=float, help="charging power of every CP")
     opt.add(up, "--host", default="127.0.0.1", help="address every component listens on")
     opt.add(up, "--topic-prefix", default="", help="prefix of every Kafka topic")
     opt.add(up, "--run-dir", default=None, help="where logs, databases and journals go (default run/<time>)")
@@ -298,7 +327,7 @@ def main(argv: list[str]) -> int:
     setup_logging("evcharging", "", log_file=run_dir / "launcher.log")
     spec = NetworkSpec(run_dir=run_dir, cps=args.cps, drivers=args.drivers, services=args.services,
                        broker=args.broker, host=args.host, topic_prefix=args.topic_prefix,
-                       supply_seconds=args.supply_seconds, pause=args.pause, panel=panel)
+                       supply_seconds=args.supply_seconds, pause=args.pause, power_kw=args.power_kw, panel=panel)
     net = Network(spec)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
