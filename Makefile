@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 
 ## make demo: a whole network on this machine, no typing needed
 demo: $(STAMP)
-	$(VENV)/bin/evcharging up --cps 3 --drivers 2 --services 10
+	$(VENV)/bin/evcharging up --cps 3 --drivers 2 --services 10 --supply-seconds 8 --power-kw 150
 
 ## make bench: speed and scale figures (prints a table; does not gate CI)
 bench: $(STAMP)

@@ -70,7 +70,7 @@ def _tile(t: CpTile) -> Panel:
                   Text(f"driver {t.driver_id}")]
     elif t.state == "BROKEN" and t.fault:
         lines.append(Text(t.fault, overflow="ellipsis"))
-    return Panel(Group(*lines), title=Text(t.cp_id, style="bold"), style=style, width=24)
+    return Panel(Group(*lines), title=Text(t.cp_id, style="bold"), style=style, width=27)
 
 
 def render(s: PanelSnapshot) -> Group:
