@@ -597,55 +597,98 @@ def _show(value: Any) -> str:
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
+#: Shapes of the type hints met so far (see _shape): the hints are analysed once, not per value.
+_SHAPES: dict[Any, tuple[Any, ...]] = {}
+_ANNOTATED, _OPTIONAL, _TUPLE, _DATACLASS, _PLAIN = range(5)
+
+
+def _shape(hint: Any) -> tuple[Any, ...]:
+    """What ``_convert`` needs to know about ``hint`` (its origin, arguments, rules), cached."""
+    try:
+        return _SHAPES[hint]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable hint: analyse it every time
+        return _analyse(hint)
+    shape = _SHAPES[hint] = _analyse(hint)
+    return shape
+
+
+def _analyse(hint: Any) -> tuple[Any, ...]:
+    origin = get_origin(hint)
+    if origin is Annotated:
+        base, *rules = get_args(hint)
+        return (_ANNOTATED, base, tuple(rules))
+    if origin is Union or origin is UnionType:  # only ever X | None here
+        (inner,) = [a for a in get_args(hint) if a is not NoneType]
+        return (_OPTIONAL, inner)
+    if origin is tuple:  # tuple[X, ...]
+        return (_TUPLE, get_args(hint)[0])
+    if dataclasses.is_dataclass(hint):
+        return (_DATACLASS, hint)
+    return (_PLAIN, hint)
+
+
 def _convert(value: Any, hint: Any, path: str, kind: str) -> Any:
     """Check ``value`` against a type hint and return it in Python form.
 
     ``path`` names the field ("seq", "tickets[0].cost_eur") and ``kind`` the
     message type, both only for error messages.
     """
-    where = f"field '{path}' of {kind}"
-    origin = get_origin(hint)
-    if origin is Annotated:
-        base, *rules = get_args(hint)
-        value = _convert(value, base, path, kind)
-        for rule in rules:
+    shape = _shape(hint)
+    how = shape[0]
+    if how == _PLAIN:
+        # the hot path: str, int, float, bool
+        if type(value) is hint:  # exact type: never a bool posing as an int, no conversion
+            if hint is str:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ProtocolError(f"field '{path}' of {kind} contains characters that are not valid Unicode") \
+                        from None
+                return value
+            if hint is float and not math.isfinite(value):
+                raise ProtocolError(f"field '{path}' of {kind} must be a finite number, got {_show(value)}")
+            return value
+        ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ProtocolError(f"field '{path}' of {kind} must be {_KIND[hint]}, got {_show(value)}")
+        if hint is float:
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ProtocolError(f"field '{path}' of {kind} must be a finite number, got {_show(value)}")
+            value = number
+        elif hint is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(f"field '{path}' of {kind} contains characters that are not valid Unicode") \
+                    from None
+        return value
+    if how == _ANNOTATED:
+        value = _convert(value, shape[1], path, kind)
+        for rule in shape[2]:
             problem = rule.complaint(value)
             if problem:
-                raise ProtocolError(f"{where} {problem}, got {_show(value)}")
+                raise ProtocolError(f"field '{path}' of {kind} {problem}, got {_show(value)}")
         return value
-    if origin is Union or origin is UnionType:  # only ever X | None here
+    if how == _OPTIONAL:
         if value is None:
             return None
-        (inner,) = [a for a in get_args(hint) if a is not NoneType]
-        return _convert(value, inner, path, kind)
-    if origin is tuple:  # tuple[X, ...]
+        return _convert(value, shape[1], path, kind)
+    if how == _TUPLE:
         if not isinstance(value, (list, tuple)):
-            raise ProtocolError(f"{where} must be an array, got {_show(value)}")
-        item = get_args(hint)[0]
+            raise ProtocolError(f"field '{path}' of {kind} must be an array, got {_show(value)}")
+        item = shape[1]
         return tuple(_convert(v, item, f"{path}[{i}]", kind) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where} must be an object, got {_show(value)}")
-        return _build(hint, value, kind, f"{path}.")
-    ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ProtocolError(f"{where} must be {_KIND[hint]}, got {_show(value)}")
-    if hint is float:
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ProtocolError(f"{where} must be a finite number, got {_show(value)}")
-        value = number
-    elif hint is str:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProtocolError(f"{where} contains characters that are not valid Unicode") from None
-    return value
+    if not isinstance(value, dict):
+        raise ProtocolError(f"field '{path}' of {kind} must be an object, got {_show(value)}")
+    return _build(shape[1], value, kind, f"{path}.")
 
 
 def _build(cls: type, data: dict, kind: str, prefix: str = "") -> Any:
@@ -682,10 +725,20 @@ def from_dict(d: dict) -> Message:
         raise
 
 
+#: Field names of the dataclasses met so far, by class (None: not a dataclass).
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
 def _plain(value: Any) -> Any:
     """Dataclasses to dicts and tuples to lists, recursively (JSON-shaped)."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    cls = type(value)
+    try:
+        names = _FIELD_NAMES[cls]
+    except KeyError:
+        names = _FIELD_NAMES[cls] = (tuple(f.name for f in dataclasses.fields(cls))
+                                     if dataclasses.is_dataclass(cls) else None)
+    if names is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
@@ -710,6 +763,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+#: One decoder for every call (json.loads with options would build a new one each time).
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def decode(data: bytes | bytearray | memoryview | str) -> Message:
     """Parse one message from UTF-8 JSON; ProtocolError for anything unacceptable."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -720,7 +777,9 @@ def decode(data: bytes | bytearray | memoryview | str) -> Message:
     if not isinstance(data, str):
         raise ProtocolError(f"message must be bytes or text, got {type(data).__name__}")
     try:
-        obj = json.loads(data, parse_constant=_no_constants)
+        if data.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+        obj = _JSON.decode(data)
     except RecursionError:
         raise ProtocolError("message is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
