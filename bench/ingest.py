@@ -1,0 +1,243 @@
+"""Telemetry ingest: Central versus a bare kafka-python consumer, same records, same broker, same run.
+
+1. A fresh Tansu broker; Central's database is seeded with ``--sessions`` CPs,
+   each with a live (supplying) session, exactly what Central reloads after a
+   restart.
+2. ``--records`` ``charging_data`` records (default 50,000) are produced to
+   ``charging_session_data`` (key = CP id, ``seq`` 1, 2, ... per session),
+   before anything consumes them.
+3. Baseline: a plain ``KafkaConsumer`` with the settings of Central's pump
+   (fresh group, earliest, ``max_poll_records`` 500, ``fetch_max_wait_ms`` 10,
+   a synchronous commit after each poll, i.e. the same at-least-once
+   contract) reads all of them. Rate = records / (last record - first record).
+4. Central (``start_central`` in this process, panel off) starts with its own
+   fresh group and reads the same records: the pump decodes and validates
+   each record, the router hands it to its session actor, which dedupes by
+   ``seq``, updates Central's CP view, queues a ledger checkpoint and
+   publishes a ``charging_status_update`` to the driver (acks=all). Rate =
+   records / (first record routed -> last driver update acknowledged by the
+   broker). Afterwards the bench checks what "durable as designed" means:
+   the ledger's batched checkpoints reached the last ``seq`` of every
+   session in SQLite and the pump committed every offset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (LOOPBACK, Report, Row, cpu_by_kind, machine, proc_cpu_seconds, quiet_logging, run_dir,
+                          start_broker, thread_cpu, thread_names, topics, wait_until)
+
+TARGET_RATE = 10_000.0
+TARGET_RATIO = 0.5
+
+
+def seed(db: Path, sessions: int) -> list[tuple[str, str, str]]:
+    """CPs with one supplying session each: [(cp_id, session_id, driver_id)]."""
+    from persistence import Repository
+
+    out = []
+    now = time.time()
+    with Repository(db) as repo:
+        for i in range(sessions):
+            cp, sid, drv = f"CP{i:04d}", f"S{i:010d}", f"drv{i:04d}"
+            repo.upsert_cp(cp, f"Site {i}", 0.30)
+            repo.open_session(sid, cp, drv, 0.30, now)
+            repo.mark_supplying(sid, now)
+            out.append((cp, sid, drv))
+    return out
+
+
+def produce(settings: Any, live: list[tuple[str, str, str]], records: int) -> dict[str, float]:
+    """Write the telemetry (round-robin over sessions); returns seq per session and the rate."""
+    from kafka import KafkaProducer
+
+    from transport import protocol
+
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, enable_idempotence=False, acks="all",
+                             linger_ms=20, batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)
+    topic = settings.topic("charging_session_data")
+    started = time.perf_counter()
+    for i in range(records):
+        cp, sid, drv = live[i % len(live)]
+        seq = i // len(live) + 1
+        msg = protocol.ChargingData(cp_id=cp, session_id=sid, driver_id=drv, seq=seq, energy_kwh=seq * 0.002,
+                                    cost_eur=seq * 0.0006, power_kw=7.4)
+        producer.send(topic, key=cp.encode(), value=protocol.encode(msg))
+    producer.flush(120)
+    producer.close(5)
+    return {"records_per_s": records / (time.perf_counter() - started)}
+
+
+def bare_consumer(settings: Any, records: int, timeout: float) -> dict[str, float]:
+    """The baseline: read every record with a plain consumer, commit after each poll."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id="bench-bare", client_id="bench-bare",
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             fetch_max_wait_ms=settings.fetch_max_wait_ms, max_poll_records=500)
+    consumer.subscribe([settings.topic("charging_session_data")])
+    seen, first, last = 0, None, None
+    deadline = time.monotonic() + timeout
+    cpu0 = 0.0
+    while seen < records and time.monotonic() < deadline:
+        batch = consumer.poll(timeout_ms=100, max_records=500)
+        if not batch:
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first, cpu0 = now, proc_cpu_seconds_self()
+        seen += sum(len(r) for r in batch.values())
+        consumer.commit()
+        last = time.perf_counter()
+    cpu = proc_cpu_seconds_self() - cpu0
+    consumer.close()
+    if seen < records or first is None or last is None or last <= first:
+        raise RuntimeError(f"the bare consumer read only {seen} of {records} records in {timeout:g} s")
+    return {"records": seen, "seconds": last - first, "records_per_s": seen / (last - first), "cpu_s": cpu}
+
+
+def proc_cpu_seconds_self() -> float:
+    import os
+
+    return proc_cpu_seconds(os.getpid())
+
+
+def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], records: int,
+                   timeout: float) -> dict[str, Any]:
+    from actors.messages import SessionStats
+    from supervisors.central_system import CentralSystemConfig, start_central
+    from transport.kafka import GetPublisherStats
+
+    config = CentralSystemConfig(port=0, host=LOOPBACK, broker=settings.bootstrap, db_path=str(db),
+                                 topic_prefix=settings.topic_prefix, panel="off", console=False,
+                                 group_id="bench-central")
+    system = start_central(config)
+    try:
+        deadline = time.monotonic() + timeout
+
+        def routed() -> int:
+            try:
+                return int(system.ask("router", "stats", timeout=5)["data"])
+            except Exception:
+                return 0
+
+        first = None
+        while time.monotonic() < deadline:
+            if routed() > 0:
+                first = time.perf_counter()
+                threads0, cpu0 = thread_cpu(), proc_cpu_seconds_self()
+                break
+            time.sleep(0.002)
+        if first is None:
+            raise RuntimeError(f"Central routed no record within {timeout:g} s")
+        all_routed = wait_until(lambda: routed() >= records, deadline - time.monotonic(), 0.02)
+        routed_at = time.perf_counter()
+
+        def acked() -> bool:
+            s = system.ask("publisher", GetPublisherStats(), timeout=10)
+            return s["acked"] >= records and s["pending"] == 0
+
+        done = wait_until(acked, max(0.0, deadline - time.monotonic()), 0.02)
+        done_at = time.perf_counter()
+        cpu = proc_cpu_seconds_self() - cpu0
+        by_kind = cpu_by_kind(threads0, thread_cpu(), thread_names())
+        if not (all_routed and done):
+            raise RuntimeError(f"Central did not finish {records} records within {timeout:g} s")
+        final_seq = {sid: len(range(i, records, len(live))) for i, (_, sid, _) in enumerate(live)}
+        applied = {sid: system.ask(f"session:{sid}", SessionStats(), timeout=10)["last_seq"] for _, sid, _ in live}
+        stats = system.ask("router", "stats", timeout=10)
+        pub = system.ask("publisher", GetPublisherStats(), timeout=10)
+        # durable as designed: checkpoints flushed by the ledger (batched, once a second) ...
+        durable = wait_until(lambda: checkpoints(db) == final_seq, 10, 0.05)
+        durable_at = time.perf_counter()
+        # ... and the pump's committed offsets cover every record
+        committed = wait_until(lambda: committed_offsets(settings, settings.topic_prefix + "bench-central-sessions") >= records, 10, 0.1)
+        return {
+            "records": records, "seconds": done_at - first, "records_per_s": records / (done_at - first),
+            "route_seconds": routed_at - first, "cpu_s": cpu,
+            "cpu_us_per_record_by_thread_kind": {k: round(v / records * 1e6, 1) for k, v in by_kind.items()},
+            "sessions_applied_all": applied == final_seq,
+            "router": stats, "publisher": pub,
+            "checkpoints_durable": bool(durable), "checkpoints_durable_after_s": durable_at - done_at,
+            "offsets_committed": bool(committed),
+        }
+    finally:
+        system.stop()
+
+
+def checkpoints(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(conn.execute("SELECT session_id, last_seq FROM sessions").fetchall())
+    finally:
+        conn.close()
+
+
+def committed_offsets(settings: Any, group: str) -> int:
+    """Sum of the offsets ``group`` committed on charging_session_data (-1 if unknown)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from transport.broker import TOPICS
+
+    topic = settings.topic("charging_session_data")
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group, client_id="bench-offsets",
+                             enable_auto_commit=False)
+    try:
+        total = 0
+        for p in range(TOPICS["charging_session_data"]):
+            total += consumer.committed(TopicPartition(topic, p)) or 0
+        return total
+    except Exception:
+        return -1
+    finally:
+        consumer.close()
+
+
+def run(args: argparse.Namespace) -> Report:
+    report = Report("ingest")
+    rd = run_dir("ingest")
+    quiet_logging(rd / "bench.log")
+    report.details["machine"] = machine()
+    broker = start_broker(rd)
+    try:
+        settings = topics(broker, "ingest.")
+        db = rd / "central.db"
+        live = seed(db, args.sessions)
+        report.details["produce"] = produce(settings, live, args.records)
+        base = bare_consumer(settings, args.records, args.timeout)
+        report.details["bare"] = base
+        central = central_ingest(settings, db, live, args.records, args.timeout)
+        report.details["central"] = central
+    finally:
+        broker.stop()
+    ratio = central["records_per_s"] / base["records_per_s"]
+    ok = central["sessions_applied_all"] and central["checkpoints_durable"] and central["offsets_committed"]
+    note = (f"{args.records} records, {args.sessions} live sessions; all applied, checkpoints and offsets durable"
+            if ok else "NOT all applied/durable: see details")
+    report.add(Row("ingest: Central records/s (vs bare consumer)", central["records_per_s"], "rec/s",
+                   base["records_per_s"], ratio, f">= {TARGET_RATE:,.0f}/s and ratio >= {TARGET_RATIO}",
+                   central["records_per_s"] >= TARGET_RATE and ratio >= TARGET_RATIO and ok, note))
+    report.add(Row("ingest: Central CPU per record", central["cpu_s"] / args.records * 1e6, "µs",
+                   base["cpu_s"] / args.records * 1e6, (central["cpu_s"] / args.records) / (base["cpu_s"] / args.records),
+                   "", None, "process CPU (all threads) / records; baseline = bare consumer"))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=int, default=50_000)
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=120.0, help="bound on each consuming phase")
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    run(args).dump(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
