@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import signal
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from actors.central import CentralActor, CentralConfig
 from actors.console import ConsoleReader
@@ -39,7 +36,7 @@ from persistence import Repository
 from supervisors import options as opt
 from supervisors.logs import setup_logging
 from supervisors.supervisor import ChildSpec, Supervisor, spawner_by_name
-from supervisors.system import RunningSystem, start_system
+from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
 from transport.listener import Listener
@@ -154,27 +151,8 @@ def main(argv: list[str]) -> int:
         enroll=args.enroll, default_price=args.default_price, life_timeout=args.life_timeout,
         authorize_timeout=args.authorize_timeout, request_max_age=args.request_max_age, panel=args.panel, console=not args.no_console,
         group_id=args.group_id)
-    return run_until_signal(lambda: start_central(config), "Central")
-
-
-def run_until_signal(start, name: str) -> int:
-    """Start a system, run until SIGINT/SIGTERM (0) or escalation (1)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        system = start()
-    except Exception as exc:
-        log.error("%s could not start: %s", name, exc)
-        return 1
-    while not stop.is_set() and not system.escalated.is_set():
-        stop.wait(0.2)
-    code = 0
-    if system.escalated.is_set():
-        log.error("%s is stopping: %s", name, system.escalation_reason)
-        code = 1
-    system.stop()
-    return code
+    return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central",
+                            lambda s: f"Central listening on {config.host}:{config.port}, Kafka at {config.broker}", log)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -27,7 +25,7 @@ from actors.engine import EngineActor, EngineOptions, ShutdownSupply
 from supervisors import options as opts
 from supervisors.logs import setup_logging
 from supervisors.supervisor import ChildSpec, Supervisor, spawner
-from supervisors.system import RunningSystem, start_system
+from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import KafkaSettings
 from transport.kafka import Publisher
 from transport.listener import Listener
@@ -195,36 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         return f"Engine started: {where}, Kafka at {config.broker}{hint}"
 
     return run_until_signal(lambda: start_engine(config), stop_engine, "Engine", started)
-
-
-def run_until_signal(start: Callable[[], RunningSystem], stop: Callable[[RunningSystem], None],
-                     what: str, started: Callable[[RunningSystem], str], logger: logging.Logger = log) -> int:
-    """Start a system; stop it on SIGINT/SIGTERM (exit 0); exit 1 when it gives up.
-
-    Shared by EV_CP_E and EV_CP_M (and usable by the other programs).
-    """
-    quit_requested = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        quit_requested.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    try:
-        system = start()
-    except Exception as exc:
-        logger.error("Cannot start the %s: %s", what, exc)
-        return 1
-    logger.info("%s", started(system))
-    while not quit_requested.is_set():
-        if system.wait(0.2):
-            logger.error("The %s gives up: %s", what, system.escalation_reason or "a part failed too often")
-            system.stop()
-            return 1
-    logger.info("Stopping the %s…", what)
-    stop(system)
-    logger.info("%s stopped", what)
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from actors.monitor import MonitorActor, MonitorOptions
 from supervisors import options as opts
-from supervisors.engine_system import run_until_signal
+from supervisors.system import run_until_signal
 from supervisors.logs import setup_logging
 from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system

@@ -7,6 +7,7 @@ Apps that embed the actors use only this: start, look things up, stop.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,3 +86,33 @@ def start_system(name: str, children: list[ChildSpec], directory: Directory | No
     system = RunningSystem(name, ref, directory, escalated)
     holder["system"] = system
     return system
+
+
+def run_until_signal(start: Callable[[], RunningSystem], stop: Callable[[RunningSystem], None],
+                     what: str, started: Callable[[RunningSystem], str], logger: logging.Logger = log) -> int:
+    """Start a system; stop it on SIGINT/SIGTERM (exit 0); exit 1 when it gives up.
+
+    Shared by the programs' ``main`` functions.
+    """
+    quit_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        quit_requested.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        system = start()
+    except Exception as exc:
+        logger.error("Cannot start the %s: %s", what, exc)
+        return 1
+    logger.info("%s", started(system))
+    while not quit_requested.is_set():
+        if system.wait(0.2):
+            logger.error("The %s gives up: %s", what, system.escalation_reason or "a part failed too often")
+            system.stop()
+            return 1
+    logger.info("Stopping the %s…", what)
+    stop(system)
+    logger.info("%s stopped", what)
+    return 0
