@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.common import (LOOPBACK, Report, Row, bench_env, machine, pct, python_module_cmd, quiet_logging, run_dir,
+from bench.common import (LOOPBACK, Report, Row, bench_env, machine, python_module_cmd, quiet_logging, run_dir,
                           start_broker, summary, topics)
 
 TARGET_LIST_P95_MS = 20.0

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.common import ROOT, Row, bench_env, fmt, machine, python_module_cmd, render_table
 

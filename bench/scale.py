@@ -11,14 +11,15 @@ For each level, on a fresh topic prefix and a fresh database:
    starts a session actor for each); ``--sessions charge`` asks for each
    supply over Kafka instead (``charge_request``, 50 a second), which also
    exercises authorisation, but at 1,000 CPs that burst alone overloads
-   Central (see bench/README.md).
+   Central (see bench/README.md); ``--charged N`` adds such a level after
+   the others.
 3. The load generator (``bench.simcp``, another process) opens one framed
    socket per CP (ENQ/ACK, ``register_request``, paced at 500 connections a
    second), sends a ``heartbeat`` every second per CP, says
    ``supply_started`` and sends one ``charging_data`` per second per CP over
    Kafka (one producer, the Engine's settings).
-4. Once every CP supplies, at least 3 s and at most ``--settle-max`` s for
-   the panel lag to settle (median of the last 2 s under 0.6 s twice in a
+4. Once every CP supplies, at least 3 s and at most ``--settle-max`` s (10 s
+   below the top level) for the panel lag to settle (median of the last 2 s under 0.6 s twice in a
    row; the ramp row says how long it took, or that it did not), then a
    window of ``--window`` s:
    Central CPU (utime+stime over the window / wall time, 100 % = one core),
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
