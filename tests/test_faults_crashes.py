@@ -170,12 +170,19 @@ def test_driver_killed_mid_supply(tmp_path, broker) -> None:
 def test_central_killed_mid_supply(tmp_path, broker) -> None:
     """CPs finish their supplies without Central and take nothing new; drivers asking meanwhile
     hear that Central is unavailable; on return every supply is billed exactly once."""
-    sp = spec(tmp_path, broker, cps=3, drivers=3, services=2, supply_seconds=4,
+    sp = spec(tmp_path, broker, cps=3, drivers=3, services=2, supply_seconds=6,
               extra_driver=["--request-timeout", "3"])
     with Network(sp) as net:
         cps = [cp for cp, _, _ in net.cps]
-        first = {cp: wait_until(lambda cp=cp: supplying(net, cp), timeout=60, what=f"{cp} supplying").session_id
-                 for cp in cps}
+        first: dict[str, str] = {}
+
+        def all_seen_supplying() -> bool:  # polled together: a busy machine must not miss a short supply
+            for cp in cps:
+                if cp not in first and (s := supplying(net, cp)) is not None:
+                    first[cp] = s.session_id
+            return len(first) == len(cps)
+
+        wait_until(all_seen_supplying, timeout=60, interval=0.1, what="every CP supplying")
         net.kill("central")
         killed = time.monotonic()
         # a driver asking now is told Central is unavailable
