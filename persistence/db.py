@@ -302,3 +302,49 @@ def _db_name(conn: sqlite3.Connection) -> str:
         if name == "main":
             return str(file) if file else ":memory:"
     return ""
+
+
+class SqliteStore:
+    """One SQLite file opened and migrated, closed once: what Repository and
+    EngineJournal share (a context manager; ``open`` is an alias of the constructor)."""
+
+    MIGRATIONS: Sequence[Migration] = ()
+
+    def __init__(self, path: str | Path, *, durable: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._path = str(path)
+        self._clock = clock
+        self._closed = False
+        self._conn = open_database(path, durable=durable)
+        try:
+            migrate(self._conn, self.MIGRATIONS)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path, *, durable: bool = False, clock: Callable[[], float] = time.time):
+        """Open (creating and migrating if needed) the database at ``path``."""
+        return cls(path, durable=durable, clock=clock)
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection; idempotent. Committed data is already durable."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass
+        self._conn.close()  # later use raises sqlite3.ProgrammingError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

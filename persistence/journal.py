@@ -19,12 +19,9 @@ one thread at a time (the Engine actor that owns it).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
-from persistence.db import Migration, migrate, open_database, transaction
+from persistence.db import Migration, SqliteStore, transaction
 from persistence.errors import UnknownSession
 from persistence.records import JournalEntry, columns
 
@@ -58,50 +55,10 @@ JOURNAL_MIGRATIONS: Final[tuple[Migration, ...]] = (
 _COLS = columns(JournalEntry)
 
 
-class EngineJournal:
+class EngineJournal(SqliteStore):
     """Durable record of the Engine's supplies; see the module docstring."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        durable: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._path = str(path)
-        self._clock = clock
-        self._conn = open_database(path, durable=durable)
-        try:
-            migrate(self._conn, JOURNAL_MIGRATIONS)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        *,
-        durable: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> EngineJournal:
-        """Open (creating if needed) the journal at ``path``."""
-        return cls(path, durable=durable, clock=clock)
-
-    @property
-    def path(self) -> str:
-        """The journal file."""
-        return self._path
-
-    def close(self) -> None:
-        """Close the file; idempotent."""
-        self._conn.close()  # idempotent; later use raises sqlite3.ProgrammingError
-
-    def __enter__(self) -> EngineJournal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    MIGRATIONS = JOURNAL_MIGRATIONS
 
     def _get(self, session_id: str) -> JournalEntry | None:
         row = self._conn.execute(

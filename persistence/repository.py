@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from persistence.db import migrate, open_database, transaction
+from persistence.db import MIGRATIONS, SqliteStore, transaction
 from persistence.errors import Conflict, UnknownChargingPoint, UnknownSession
 from persistence.records import (
     AuditRecord,
@@ -59,7 +57,7 @@ def _check_amount(name: str, value: float) -> float:
     return amount
 
 
-class Repository:
+class Repository(SqliteStore):
     """Central's database. Construct with a path (opens and migrates) or use
     :meth:`open`; :meth:`close` when done (also a context manager).
 
@@ -67,55 +65,7 @@ class Repository:
     (``updated_at``, ``issued_at``, ...); tests inject a fake one.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        durable: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._path = str(path)
-        self._clock = clock
-        self._closed = False
-        self._conn = open_database(path, durable=durable)
-        try:
-            migrate(self._conn)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        *,
-        durable: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> Repository:
-        """Open (creating and migrating if needed) the database at ``path``."""
-        return cls(path, durable=durable, clock=clock)
-
-    @property
-    def path(self) -> str:
-        """The database file this repository works on."""
-        return self._path
-
-    def close(self) -> None:
-        """Close the connection; idempotent. Committed data is already durable."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            pass
-        self._conn.close()  # later use raises sqlite3.ProgrammingError
-
-    def __enter__(self) -> Repository:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    MIGRATIONS = MIGRATIONS
 
     # ------------------------------------------------------------------ helpers
 
