@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pykka
 
 from supervisors.supervisor import ChildSpec, start_tree
+from transport.kafka import ConsumerPump, wait_ready
 from transport.runtime import Directory
 
 log = logging.getLogger("evcharging.system")
@@ -30,6 +32,21 @@ class RunningSystem:
     escalated: threading.Event = field(default_factory=threading.Event)
     escalation_reason: str = ""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    consumers: tuple[str, ...] = ()  # names of its Kafka consumer pumps
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Block until every Kafka consumer is positioned (group joined); False on timeout.
+
+        ``start_*`` returns as soon as the actors run; a group consumer needs a few
+        more seconds to join. Records sent meanwhile are not lost (they are read
+        once it joins), but callers that want an answer within a deadline wait here.
+        """
+        deadline = time.monotonic() + timeout
+        for name in self.consumers:
+            ref = self.get(name)
+            if ref is None or not wait_ready(ref, timeout=max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def get(self, name: str) -> pykka.ActorRef[Any] | None:
         """The current actor named ``name`` (children are registered by name)."""
@@ -83,7 +100,8 @@ def start_system(name: str, children: list[ChildSpec], directory: Directory | No
         escalated.set()
 
     ref = start_tree(name, children, directory=directory, on_escalate=on_escalate, **options)
-    system = RunningSystem(name, ref, directory, escalated)
+    pumps = tuple(c.name for c in children if issubclass(c.actor_class, ConsumerPump))
+    system = RunningSystem(name, ref, directory, escalated, consumers=pumps)
     holder["system"] = system
     return system
 

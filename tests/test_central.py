@@ -35,6 +35,7 @@ def central(kafka_settings, tmp_path, request):
                                  topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
                                  life_timeout=marker.args[0] if marker else 30.0)
     system = start_central(config)
+    assert system.wait_ready(30), "Central's Kafka consumers did not join within 30 s"
     system.port = system.ask("monitor-listener", "port")
     system.db = db
     peer = KafkaPeer(kafka_settings)
