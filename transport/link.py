@@ -4,10 +4,11 @@
 ``ServerConnection`` (one per accepted peer) and ``ClientLink`` (the
 connecting side, with its own reconnect loop). It owns one socket:
 
-* a reader thread ``recv``s, feeds the :class:`~transport.framing.FrameDecoder`
-  and ``tell``s the events to the actor; a semaphore bounds how many batches
-  may wait in the mailbox, so a flooding peer is slowed by TCP back-pressure
-  instead of growing our memory;
+* the process's one :class:`~transport.reader.SocketReader` thread ``recv``s,
+  feeds the socket's :class:`~transport.framing.FrameDecoder` and ``tell``s the
+  events to the actor (no thread per socket); a semaphore bounds how many
+  batches may wait in the mailbox, so a flooding peer is slowed by TCP
+  back-pressure instead of growing our memory;
 * the actor ACKs or NACKs each frame, decodes it and tells its *owner*
   :class:`FrameIn`; outgoing :class:`Send` messages are sent one at a time
   (stop-and-wait), resent on NACK or ACK timeout at most ``retries`` times.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -32,7 +34,8 @@ from typing import Any, Callable
 import pykka
 
 from transport import framing, protocol
-from transport.runtime import Directory, SupervisedActor, Supervision, schedule
+from transport.reader import SocketReader, Watch, shared_reader
+from transport.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 
 log = logging.getLogger("evcharging.link")
 
@@ -87,7 +90,7 @@ class LinkStats:
 class _Events:
     sock_id: int
     events: tuple[framing.Event, ...]
-    slots: threading.BoundedSemaphore  # released when handled: bounds the mailbox
+    watch: Watch  # its slots are released when handled: bounds the mailbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +130,11 @@ class FramedLink(SupervisedActor):
         *,
         options: LinkOptions = LinkOptions(),
         component: str = "link",
+        reader: SocketReader | None = None,
         supervision: Supervision | None = None,
     ) -> None:
         super().__init__(supervision=supervision)
+        self.reader = reader
         self.owner = owner
         self.directory = directory
         self.options = options
@@ -137,7 +142,7 @@ class FramedLink(SupervisedActor):
         self.peer = "?"
         self._sock: socket.socket | None = None
         self._sock_id = 0
-        self._reader: threading.Thread | None = None
+        self._watch: Watch | None = None
         self._outbox: deque[bytes] = deque()
         self._in_flight: bytes | None = None
         self._serial = 0
@@ -165,13 +170,19 @@ class FramedLink(SupervisedActor):
         self._sock = sock
         self.peer = peer
         self._bad_streak = self._garbage = 0
-        sock.settimeout(self.options.io_timeout)
-        slots = threading.BoundedSemaphore(self.options.mailbox_batches)
-        self._reader = threading.Thread(
-            target=self._read_loop, args=(sock, self._sock_id, slots),
-            name=f"{self.component}-reader", daemon=True,
+        sock.setblocking(False)  # the reader must never block on it; writes wait in _write
+        me, sock_id = self.actor_ref, self._sock_id
+        self._watch = Watch(
+            sock, framing.FrameDecoder(self.options.max_data),
+            threading.BoundedSemaphore(self.options.mailbox_batches),
+            deliver=lambda events: tell(me, _Events(sock_id, events, watch)),
+            closed=lambda reason: tell(me, _ReaderClosed(sock_id, reason)),
+            frame_timeout=self.options.frame_timeout, name=self.component,
         )
-        self._reader.start()
+        watch = self._watch
+        if self.reader is None:
+            self.reader = shared_reader()
+        self.reader.add(watch)
         self._tell_owner(LinkUp(self.actor_ref, peer))
 
     @property
@@ -189,11 +200,9 @@ class FramedLink(SupervisedActor):
             self._ack_timer = None
         self._outbox.clear()
         self._in_flight = None
-        try:
-            if polite:
-                sock.sendall(bytes([framing.EOT]))
-        except OSError:
-            pass
+        self._unwatch()
+        if polite:
+            _try_send(sock, bytes([framing.EOT]))
         _close_socket(sock)
         self._tell_owner(LinkDown(self.actor_ref, self.peer, reason))
         self.on_link_lost(reason)
@@ -201,22 +210,26 @@ class FramedLink(SupervisedActor):
     def teardown(self) -> None:
         if self._sock is not None:
             sock, self._sock = self._sock, None
-            try:
-                sock.sendall(bytes([framing.EOT]))
-            except OSError:
-                pass
+            self._unwatch()
+            _try_send(sock, bytes([framing.EOT]))
             _close_socket(sock)
             self._tell_owner(LinkDown(self.actor_ref, self.peer, "link stopped"))
         if self._ack_timer is not None:
             self._ack_timer.cancel()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=self.options.io_timeout + 1)
+
+    def _unwatch(self) -> None:
+        """Stop the reader watching the socket, before it is closed (its number is reused)."""
+        watch, self._watch = self._watch, None
+        if watch is not None and self.reader is not None:
+            self.reader.remove(watch)
 
     # --- messages ------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
         match message:
-            case _Events(sock_id, events, slots):
-                slots.release()
+            case _Events(sock_id, events, watch):
+                watch.slots.release()
+                if watch.held is not None and self.reader is not None:
+                    self.reader.slot_freed()
                 if sock_id == self._sock_id:
                     self._on_events(events)
             case _ReaderClosed(sock_id, reason):
@@ -347,52 +360,44 @@ class FramedLink(SupervisedActor):
         if sock is None:
             return False
         try:
-            sock.sendall(data)
+            _send_all(sock, data, self.options.io_timeout)
             return True
         except OSError as exc:
-            self.detach(f"cannot write to {self.peer}: {exc}")
+            self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
             return False
 
     def _tell_owner(self, message: Any) -> None:
         if not self.directory.tell(self.owner, message):
             log.debug("%s: owner %r is not running; dropped %s", self.component, self.owner, type(message).__name__)
 
-    # --- the reader thread -------------------------------------------------
-    def _read_loop(self, sock: socket.socket, sock_id: int, slots: threading.BoundedSemaphore) -> None:
-        decoder = framing.FrameDecoder(self.options.max_data)
-        me = self.actor_ref
-        reason = "connection closed by peer"
-        last_bytes = time.monotonic()
+
+
+def _send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """``sendall`` for a non-blocking socket: wait for room at most ``timeout`` s in all."""
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout
+    poller: select.poll | None = None
+    while view:
         try:
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except socket.timeout:
-                    if self._sock is not sock:
-                        return
-                    silent = time.monotonic() - last_bytes
-                    if decoder.in_frame and silent >= self.options.frame_timeout:
-                        # Half a frame and then silence: the slot it holds is worth more.
-                        reason = f"the peer sent part of a frame and then nothing for {silent:.0f} s"
-                        log.warning("%s: %s — closing the connection", self.component, reason)
-                        break
-                    continue
-                if not chunk:
-                    break
-                last_bytes = time.monotonic()
-                events = decoder.feed(chunk)
-                if not events:
-                    continue
-                while not slots.acquire(timeout=self.options.io_timeout):  # back-pressure
-                    if self._sock is not sock:
-                        return
-                me.tell(_Events(sock_id, tuple(events), slots))
-        except (OSError, pykka.ActorDeadError) as exc:
-            reason = f"connection lost ({exc})"
-        try:
-            me.tell(_ReaderClosed(sock_id, reason))
-        except pykka.ActorDeadError:
+            view = view[sock.send(view):]
+            continue
+        except BlockingIOError:
             pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the peer read nothing for {timeout:g} s")
+        if poller is None:
+            poller = select.poll()  # not select.select: descriptors above 1024 are normal here
+            poller.register(sock, select.POLLOUT)
+        poller.poll(left * 1000)
+
+
+def _try_send(sock: socket.socket, data: bytes) -> None:
+    """Best effort, never waits (a goodbye byte)."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
