@@ -46,9 +46,10 @@ class CentralConfig:
     enroll: str = "open"  # "open": unknown CPs are enrolled; "closed": denied
     default_price: float = 0.30
     default_location: str = "unknown"
-    life_timeout: float = 3.0
+    life_timeout: float = 2.5  # two missed life messages (1 s apart) and half a period
     authorize_timeout: float = 5.0
     panel_interval: float = 0.5
+    life_check_interval: float = 0.1  # how late a silent CP may be noticed after its timeout
     request_max_age: float = 10.0  # a charge request older than this was sent while Central was away
 
 
@@ -159,7 +160,12 @@ class CentralActor(SupervisedActor):
         for s in reloaded:
             self._adopt_session(s)
         self._note(f"Central started: {len(self.cps)} CPs loaded, {len(reloaded)} live sessions reloaded")
-        self._ticker = Ticker(min(0.5, self.config.panel_interval), self.actor_ref, _Tick(), name="central-tick")
+        # One ticker for both duties: life deadlines every life_check_interval
+        # (so a silent CP shows DISCONNECTED within ~0.1 s of its timeout) and
+        # a panel snapshot every panel_interval when something changed.
+        self._ticker = Ticker(min(self.config.life_check_interval, self.config.panel_interval), self.actor_ref,
+                              _Tick(), name="central-tick")
+        self._next_snapshot = 0.0
 
     def teardown(self) -> None:
         if self._ticker is not None:
@@ -309,16 +315,21 @@ class CentralActor(SupervisedActor):
 
     def _on_tick(self) -> None:
         now = time.monotonic()
+        lost = False
         for cp in self.cps.values():
             before = cp.state
+            if before == DISCONNECTED or derive_state(cp, now, self.config.life_timeout) == before:
+                continue
             self._refresh(cp, now)
-            if before != DISCONNECTED and cp.state == DISCONNECTED and cp.link is not None:
+            lost = lost or cp.state == DISCONNECTED
+            if cp.state == DISCONNECTED and cp.link is not None:
                 self._note(f"CP {cp.cp_id} missed its life messages for {self.config.life_timeout:g} s: DISCONNECTED")
                 if cp.session_id:
                     self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
                                        f"CP {cp.cp_id} stopped answering; you will get the ticket when it reports")
-        if self._dirty:
+        if self._dirty and (lost or now >= self._next_snapshot):
             self._dirty = False
+            self._next_snapshot = now + self.config.panel_interval - 0.01
             self.directory.tell("panel", self._snapshot())
 
     def _refresh(self, cp: CpView, now: float | None = None) -> None:

@@ -10,7 +10,9 @@ tells them ``Send``.
 The rules (docs/flows.md): register with Central on every connect and count
 as registered only once Central *accepted* (SPEC §5: the seed went ACTIVE
 before that); health-check the Engine every ``health_interval`` and call it
-KO after ``health_timeout`` without an answer or on ``ok=false``; report KO
+KO after ``health_timeout`` without an answer, on ``ok=false``, or at once
+when the Engine's socket closes (a dead Engine need not wait for a timeout);
+report KO
 and recovery to Central once each; send the life message while registered;
 relay commands both ways, answering for the Engine when it cannot.
 """
@@ -43,7 +45,7 @@ class MonitorOptions:
     location: str | None = None
     heartbeat_interval: float = 1.0
     health_interval: float = 1.0
-    health_timeout: float = 2.5
+    health_timeout: float = 1.5
     register_retry: float = 5.0
     register_timeout: float = 5.0
     stop_confirm: float = 2.0
@@ -131,6 +133,7 @@ class MonitorActor(SupervisedActor):
         self._fault_reported = False
         self._last_answer = time.monotonic()
         self._health_seq = 0
+        self._last_check = 0.0  # when the last health_check was sent
         self._links: dict[str, pykka.ActorRef[Any] | None] = {ENGINE: None, CENTRAL: None}
         self._register_id: str | None = None
         self._registrations = 0
@@ -143,7 +146,9 @@ class MonitorActor(SupervisedActor):
     def setup(self) -> None:
         me = self.actor_ref
         self._tickers = [
-            Ticker(self.options.health_interval, me, _HealthTick(), name=f"monitor-health-{self.cp_id}"),
+            # Ticks four times per check so a silent Engine is called KO within
+            # a quarter interval of its timeout; a check is sent once per interval.
+            Ticker(self.options.health_interval / 4, me, _HealthTick(), name=f"monitor-health-{self.cp_id}"),
             Ticker(self.options.heartbeat_interval, me, _HeartbeatTick(), name=f"monitor-heartbeat-{self.cp_id}"),
         ]
         if self.supervision is not None and self.supervision.generation > 1:
@@ -241,6 +246,7 @@ class MonitorActor(SupervisedActor):
             if self.stopped:  # a restarted Engine forgot Central's order
                 self._send(ENGINE, protocol.StopCp(reason=self.stop_reason or "stopped by Central"))
             self._last_answer = time.monotonic()  # a fresh link gets a full timeout
+            self._last_check = 0.0
             self._health_tick()  # know the Engine's health now, not in a second
         else:
             log.info("%s: connected to Central (%s) — registering", self.cp_id, peer)
@@ -258,6 +264,9 @@ class MonitorActor(SupervisedActor):
                 # The Engine ends it (monitor_lost) and reports it over Kafka.
                 log.warning("%s: supply %s ends with the Engine link", self.cp_id, self.supplying)
                 self.supplying = None
+            # A closed socket is an answer: the Engine is gone (or unreachable)
+            # now, not after the health timeout. Reconnecting clears it.
+            self._set_engine_ok(False, f"the Engine is not connected ({reason})")
         else:
             was = self.registered
             self.registered = False
@@ -308,7 +317,9 @@ class MonitorActor(SupervisedActor):
 
     # --- engine health ------------------------------------------------------------------
     def _health_tick(self) -> None:
-        if self._links[ENGINE] is not None:
+        now = time.monotonic()
+        if self._links[ENGINE] is not None and now - self._last_check >= self.options.health_interval * 0.99:
+            self._last_check = now
             self._health_seq += 1
             self._send(ENGINE, protocol.HealthCheck(seq=self._health_seq))
         self._check_engine()

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", required=True)
     p.add_argument("--topic-prefix", default="")
     p.add_argument("--group-id", default="evcharging-central")
-    p.add_argument("--life-timeout", type=float, default=3.0)
+    p.add_argument("--life-timeout", type=float, default=2.5)
     p.add_argument("--t0", type=float, default=0.0, help="the simulated meters' zero (epoch seconds)")
     p.add_argument("--log-file", default=None)
     p.add_argument("--deadline", type=float, default=900.0, help="exit after this many seconds whatever happens")

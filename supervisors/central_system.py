@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import time
 from dataclasses import dataclass
 
 from actors.central import CentralActor, CentralConfig
@@ -56,7 +57,7 @@ class CentralSystemConfig:
     topic_prefix: str = ""
     enroll: str = "open"
     default_price: float = 0.30
-    life_timeout: float = 3.0
+    life_timeout: float = 2.5
     authorize_timeout: float = 5.0
     request_max_age: float = 10.0
     panel: str = "off"
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(p, "--enroll", default="open", choices=("open", "closed"), help="unknown CPs: enrol or deny")
     opt.add(p, "--default-price", default=0.30, type=float, help="€/kWh of a newly enrolled CP")
     opt.add(p, "--seed", default=None, help="CSV file of id,location,price to load at start")
-    opt.add(p, "--life-timeout", default=3.0, type=float, help="seconds without a life message → DISCONNECTED")
+    opt.add(p, "--life-timeout", default=2.5, type=float, help="seconds without a life message → DISCONNECTED")
     opt.add(p, "--authorize-timeout", default=5.0, type=float, help="seconds to wait for a CP's authorisation")
     opt.add(p, "--request-max-age", default=10.0, type=float,
             help="charge requests older than this (sent while Central was down) are denied")
@@ -151,8 +152,22 @@ def main(argv: list[str]) -> int:
         enroll=args.enroll, default_price=args.default_price, life_timeout=args.life_timeout,
         authorize_timeout=args.authorize_timeout, request_max_age=args.request_max_age, panel=args.panel, console=not args.no_console,
         group_id=args.group_id)
-    return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central",
-                            lambda s: f"Central listening on {config.host}:{config.port}, Kafka at {config.broker}", log)
+    return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central", lambda s: _ready_line(s, config),
+                            log)
+
+
+READY = "Central is ready"  # the launcher waits for this line before starting drivers
+
+
+def _ready_line(system: RunningSystem, config: CentralSystemConfig, timeout: float = 30.0) -> str:
+    """Wait (bounded) until Central's Kafka consumers joined their groups; say so."""
+    log.info("Central listening on %s:%d, Kafka at %s — joining the consumer groups", config.host, config.port,
+             config.broker)
+    started = time.monotonic()
+    if system.wait_ready(timeout):
+        return f"{READY}: Kafka consumers joined in {time.monotonic() - started:.1f} s"
+    return (f"Central's Kafka consumers have not joined after {timeout:g} s — driver requests are answered "
+            "as soon as they do")
 
 
 if __name__ == "__main__":  # pragma: no cover

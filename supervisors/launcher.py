@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from persistence import Repository
+from supervisors.central_system import READY as CENTRAL_READY
 from supervisors import options as opt
 from supervisors.logs import setup_logging
 from transport.broker import BrokerUnavailable, KafkaSettings, LocalBroker, ensure_topics, free_port, wait_for_port
@@ -64,7 +65,8 @@ class NetworkSpec:
     power_kw: float = 22.0
     tick: float = 1.0
     panel: str = "rich"
-    life_timeout: float = 3.0
+    life_timeout: float = 2.5
+    ready_timeout: float = 30.0  # how long start() waits for Central's consumers before starting drivers
     extra_central: list[str] = field(default_factory=list)
     extra_engine: list[str] = field(default_factory=list)
     extra_monitor: list[str] = field(default_factory=list)
@@ -106,6 +108,7 @@ class Network:
         self.cps = cp_catalogue(spec.cps)
         self.engine_ports: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
+        self._central_log_offset = 0  # where the current Central run starts in its detail log
 
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> "Network":
@@ -119,6 +122,9 @@ class Network:
         for cp_id, _, _ in self.cps:
             self.start_engine(cp_id)
             self.start_monitor(cp_id)
+        if with_drivers and not self.wait_central_ready():
+            log.warning("Central has not said it is ready after %.0f s; starting the drivers anyway "
+                        "(their first requests may go unanswered)", self.spec.ready_timeout)
         if with_drivers:
             for i in range(self.spec.drivers):
                 self.start_driver(f"driver{i + 1}")
@@ -166,10 +172,36 @@ class Network:
                          "--host", self.spec.host, "--seed", str(seed), "--panel", self.spec.panel,
                          "--life-timeout", str(self.spec.life_timeout), "--no-console",
                          *self._common("central"), *self.spec.extra_central)
+        detail = self.run_dir / "central.detail.log"
+        self._central_log_offset = detail.stat().st_size if detail.exists() else 0
         proc = self._spawn("central", cmd, inherit_stdout=self.spec.panel == "rich")
         if not wait_for_port(self.spec.host, self.central_port, 20):
             raise RuntimeError(f"Central did not listen on {self.spec.host}:{self.central_port}; see {proc.log_path}")
         return proc
+
+    def wait_central_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the running Central says its Kafka consumers joined (bounded); True if it did.
+
+        A group join takes seconds (more on a busy machine); a driver started
+        before it would see its first requests time out.
+        """
+        detail = self.run_dir / "central.detail.log"
+        deadline = time.monotonic() + (self.spec.ready_timeout if timeout is None else timeout)
+        central = self.procs["central"].popen
+        while time.monotonic() < deadline and central is not None:
+            try:
+                with open(detail, "rb") as f:
+                    f.seek(self._central_log_offset)
+                    if CENTRAL_READY.encode() in f.read():
+                        return True
+            except OSError:
+                pass
+            try:
+                central.wait(0.05)
+                return False  # Central exited
+            except subprocess.TimeoutExpired:
+                pass
+        return False
 
     def start_engine(self, cp_id: str) -> Proc:
         port = self.engine_ports.setdefault(cp_id, free_port(self.spec.host))

@@ -43,7 +43,7 @@ class MonitorConfig:
     location: str | None = None
     heartbeat_interval: float = 1.0
     health_interval: float = 1.0
-    health_timeout: float = 2.5
+    health_timeout: float = 1.5
     register_retry: float = 5.0
     register_timeout: float = 5.0
     stop_confirm: float = 2.0
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add(p, "--location", default=None, help="where the CP is (sent when Central does not know it yet)")
     opts.add(p, "--heartbeat-interval", default=1.0, type=float, help="seconds between life messages to Central")
     opts.add(p, "--health-interval", default=1.0, type=float, help="seconds between health checks of the Engine")
-    opts.add(p, "--health-timeout", default=2.5, type=float,
+    opts.add(p, "--health-timeout", default=1.5, type=float,
              help="seconds without an answer before the Engine counts as KO")
     opts.add(p, "--register-retry", default=5.0, type=float, help="seconds before registering again after a refusal")
     opts.add(p, "--topic-prefix", default="",

@@ -169,8 +169,11 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
     for seq in (1, 2, 2, 3, 1):  # duplicates and a late one
         peer.send("charging_session_data", "MAD1", protocol.ChargingData(
             cp_id="MAD1", session_id=sid, driver_id="d1", seq=seq, energy_kwh=seq * 0.5, cost_eur=seq * 0.2, power_kw=7.4))
-    updates = peer.wait_for(protocol.ChargingStatusUpdate, lambda u: u.session_id == sid, count=3)
-    assert [u.seq for u in updates] == [1, 2, 3]
+    # The driver sees the meter move forward only: duplicates and the late one are dropped, and
+    # readings that arrive in one poll are sent as the newest one (so 1, 2, 3 or 1, 3 or just 3).
+    peer.wait_for(protocol.ChargingStatusUpdate, lambda u: u.session_id == sid and u.seq == 3)
+    seqs = [u.seq for u in peer.received if isinstance(u, protocol.ChargingStatusUpdate) and u.session_id == sid]
+    assert seqs == sorted(set(seqs)) and seqs[-1] == 3, seqs
     wait_until(lambda: central.ask("central", CentralStatus())["MAD1"]["energy_kwh"] == 1.5)
     completion = protocol.ChargeCompletion(cp_id="MAD1", session_id=sid, driver_id="d1", energy_kwh=1.6,
                                            cost_eur=0.64, end_reason="unplugged")
@@ -195,6 +198,18 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
     hello2 = uuid.uuid4().hex
     peer.send("driver_requests", "d1", protocol.DriverHello(driver_id="d1", correlation_id=hello2))
     assert peer.wait_for(protocol.DriverHelloResponse, lambda m: m.correlation_id == hello2)[0].tickets == ()
+
+
+@pytest.mark.life_timeout(1.0)
+def test_a_silent_cp_is_disconnected_right_after_its_life_timeout(central) -> None:
+    """Each CP is checked against its own deadline (every 0.1 s), not on a coarse tick."""
+    m = active_monitor(central, "MAD1")
+    m.heartbeat(True)
+    last = time.monotonic()  # then silence: the socket stays open, nothing more comes
+    wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=5, interval=0.01)
+    silent = time.monotonic() - last
+    assert 1.0 <= silent <= 1.0 + 0.4, silent
+    m.close()
 
 
 def test_driver_stop_and_central_stop_all(central) -> None:

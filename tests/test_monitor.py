@@ -278,6 +278,21 @@ def test_engine_ko_is_reported_once_and_so_is_the_recovery(engine, engine_port_f
         monitor.stop()
 
 
+def test_a_closed_engine_socket_is_ko_at_once(engine, engine_port_free, central) -> None:
+    """A dead Engine closes its socket: that is KO now, not after the health timeout."""
+    monitor = start_monitor(monitor_config(central.port, engine_port_free, health_timeout=30.0))
+    try:
+        wait_until(lambda: mstatus(monitor)["state"] == "ACTIVE")
+        stopped = time.monotonic()
+        engine.stop()
+        [gone] = central.wait_for(protocol.FaultNotification, timeout=5)
+        assert time.monotonic() - stopped < 2.0  # the 30 s health timeout played no part
+        assert gone.reason.startswith("the Engine is not connected"), gone.reason
+        wait_until(lambda: mstatus(monitor)["state"] == "BROKEN")
+    finally:
+        monitor.stop()
+
+
 def test_relays_a_supply_both_ways(engine, engine_port_free, central) -> None:
     monitor = start_monitor(monitor_config(central.port, engine_port_free))
     try:
