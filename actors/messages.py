@@ -46,6 +46,20 @@ class BillOrphan:
     completion: protocol.ChargeCompletion
 
 
+# --- router → session ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Tell: the ``charging_data`` records of one session from one Kafka poll, in arrival order.
+
+    One message per session per poll instead of one per record: under a
+    backlog (a restart, a burst) the session applies them all and sends the
+    driver, Central and the ledger only the newest figures.
+    """
+
+    session_id: str
+    records: tuple[protocol.ChargingData, ...]
+
+
 # --- session ↔ central --------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SessionProgress:

@@ -4,7 +4,9 @@ It is the target of Central's Kafka pump for ``charging_session_data`` and
 ``charging_session_complete``. It answers the pump's ask only when every
 completion in the delivery is billed (so the offsets are committed only
 after the database commit); telemetry is handed over with a ``tell``, since
-the completion carries the final figures anyway. A completion nobody owns
+the completion carries the final figures anyway, and grouped: one
+``Telemetry`` per session per poll, so a backlog costs one actor hop per
+session rather than per record. A completion nobody owns
 (a replay after the session ended, or a supply Central lost track of) goes
 straight to the ledger, which bills it once or returns the existing ticket.
 """
@@ -16,7 +18,7 @@ from typing import Any
 
 import pykka
 
-from actors.messages import BillOrphan, Ready, SessionBilled
+from actors.messages import BillOrphan, Ready, SessionBilled, Telemetry
 from actors.session import ticket_message
 from transport import protocol
 from transport.kafka import Delivery, Publish
@@ -52,6 +54,7 @@ class SessionRouter(SupervisedActor):
             central.ask(Ready(), timeout=self.ask_timeout)  # sessions reloaded before we route
             self._central_ready = True
         waiting: list[tuple[Any, pykka.Future[Any]]] = []
+        telemetry: dict[str, list[protocol.ChargingData]] = {}
         for item in items:
             msg = item.message
             if item.error is not None:
@@ -60,9 +63,9 @@ class SessionRouter(SupervisedActor):
                 continue
             if isinstance(msg, protocol.ChargingData):
                 self.stats["data"] += 1
-                if not self.directory.tell(f"session:{msg.session_id}", msg):
-                    self.stats["unrouted_data"] += 1
+                telemetry.setdefault(msg.session_id, []).append(msg)
             elif isinstance(msg, protocol.ChargeCompletion):
+                self._telemetry(telemetry.pop(msg.session_id, None))  # before its completion
                 self.stats["completions"] += 1
                 ref = self.directory.get(f"session:{msg.session_id}")
                 if ref is not None:
@@ -75,11 +78,18 @@ class SessionRouter(SupervisedActor):
             else:
                 self.stats["bad"] += 1
                 log.warning("Ignored a %s record on %s: not an Engine message", type(msg).__name__, item.topic)
+        for records in telemetry.values():
+            self._telemetry(records)
         for msg, future in waiting:
             try:
                 future.get(timeout=self.ask_timeout)
             except pykka.ActorDeadError:
                 self._orphan(msg)  # the session stopped right after billing: the ledger knows
+
+    def _telemetry(self, records: list[protocol.ChargingData] | None) -> None:
+        if records and not self.directory.tell(f"session:{records[0].session_id}",
+                                               Telemetry(records[0].session_id, tuple(records))):
+            self.stats["unrouted_data"] += len(records)
 
     def _orphan(self, c: protocol.ChargeCompletion) -> None:
         self.stats["orphans"] += 1

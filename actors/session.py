@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from actors.messages import Bill, Checkpoint, SessionBilled, SessionProgress, SessionStats, SupplyFinished
+from actors.messages import Bill, Checkpoint, SessionBilled, SessionProgress, SessionStats, SupplyFinished, Telemetry
 from persistence import SessionRecord, TicketRecord
 from transport import protocol
 from transport.kafka import Publish
@@ -47,8 +47,10 @@ class SessionActor(SupervisedActor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
+            case Telemetry(_, records):
+                self._meter(records)
             case protocol.ChargingData():
-                self._meter(message)
+                self._meter((message,))
             case protocol.ChargeCompletion():
                 return self._complete(message)
             case SessionStats():
@@ -56,12 +58,18 @@ class SessionActor(SupervisedActor):
                         "cost_eur": self.cost_eur, "duplicates": self.duplicates, "billed": self.billed is not None}
         return None
 
-    def _meter(self, data: protocol.ChargingData) -> None:
-        if data.seq <= self.last_seq or self.billed is not None:
-            self.duplicates += 1
+    def _meter(self, records: tuple[protocol.ChargingData, ...]) -> None:
+        """Apply new readings (by ``seq``); tell the driver, Central and the ledger the newest once."""
+        newest: protocol.ChargingData | None = None
+        for data in records:
+            if data.seq <= self.last_seq or self.billed is not None:
+                self.duplicates += 1
+                continue
+            newest = data
+            self.last_seq, self.energy_kwh, self.cost_eur, self.power_kw = data.seq, data.energy_kwh, data.cost_eur, data.power_kw
+        if newest is None:
             return
-        r = self.record
-        self.last_seq, self.energy_kwh, self.cost_eur, self.power_kw = data.seq, data.energy_kwh, data.cost_eur, data.power_kw
+        r, data = self.record, newest
         update = protocol.ChargingStatusUpdate(
             driver_id=r.driver_id, session_id=r.session_id, cp_id=r.cp_id, seq=data.seq,
             energy_kwh=data.energy_kwh, cost_eur=data.cost_eur, power_kw=data.power_kw,

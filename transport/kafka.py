@@ -111,7 +111,9 @@ class Publisher(SupervisedActor):
         self._retry_timer: threading.Timer | None = None
         self._delay = backoff_strategy(0.2, 2.0)
         self._outage_attempts = 0
-        self._in_flight = 0
+        self._in_flight = 0  # handed to the producer, neither acked nor failed (acks counted apart)
+        self._acks = 0  # counted by the producer's I/O thread, under _acks_lock
+        self._acks_lock = threading.Lock()
         self._stats = {"sent": 0, "acked": 0, "failures": 0, "producers": 0}
 
     def setup(self) -> None:
@@ -142,8 +144,7 @@ class Publisher(SupervisedActor):
                 self._backlog.appendleft(publish)
                 self._outage(error)
             case _Acked():
-                self._in_flight -= 1
-                self._stats["acked"] += 1
+                self._count_acks()
                 if self._outage_attempts:  # the broker confirmed a record: the outage is over
                     log.info("%s: Kafka at %s is reachable again", self.component, self.settings.bootstrap)
                     self._outage_attempts = 0
@@ -151,10 +152,23 @@ class Publisher(SupervisedActor):
                 self._retry_timer = None
                 self._drain()
             case GetPublisherStats():
+                self._count_acks()
                 return dict(self._stats, pending=len(self._backlog) + self._in_flight)
         return None
 
     # --- internals -----------------------------------------------------------
+    def _count_acks(self) -> None:
+        """Fold the acks counted by the producer's thread into our figures.
+
+        An ack is not a message to this actor (that would double the actor
+        hops of every record); only during an outage does it also tell us,
+        so that "reachable again" is said at the first ack.
+        """
+        with self._acks_lock:
+            new, self._acks = self._acks, 0
+        self._in_flight -= new
+        self._stats["acked"] += new
+
     def _connect(self) -> None:
         from kafka import KafkaProducer
 
@@ -185,6 +199,8 @@ class Publisher(SupervisedActor):
 
     def _publish(self, p: Publish) -> None:
         if len(self._backlog) + self._in_flight >= self.max_pending:
+            self._count_acks()
+        if len(self._backlog) + self._in_flight >= self.max_pending:
             reason = f"Kafka at {self.settings.bootstrap} is unreachable and {self.max_pending} records are already waiting"
             tell(p.notify, PublishFailed(p.token, reason))
             return
@@ -211,8 +227,12 @@ class Publisher(SupervisedActor):
         me = self.actor_ref
 
         def on_ok(md: Any) -> None:
-            tell(me, _Acked())
-            tell(p.notify, Published(p.token, p.topic, md.partition, md.offset))
+            with self._acks_lock:
+                self._acks += 1
+            if self._outage_attempts:
+                tell(me, _Acked())
+            if p.notify is not None:
+                tell(p.notify, Published(p.token, p.topic, md.partition, md.offset))
 
         def on_err(exc: BaseException) -> None:
             tell(me, _SendFailed(p, str(exc) or type(exc).__name__))
