@@ -4,7 +4,8 @@ Inputs, all as messages in one mailbox (so no locks and no races):
 * ``FrameIn``/``LinkUp``/``LinkDown`` from Monitor connections (socket adapter);
 * ``Delivery`` of ``driver_requests`` from its Kafka pump (asked: the pump
   commits only after this actor answered, i.e. after the DB writes);
-* ``SessionProgress``/``SupplyFinished``/``SessionBilled`` from session actors;
+* ``ProgressBatch`` (newest telemetry per session, one per Kafka poll) from the router;
+* ``SupplyFinished``/``SessionBilled`` from session actors;
 * ``ConsoleLine`` commands typed into Central's terminal;
 * its own timers: life-message check, authorisation deadlines, panel refresh.
 
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import pykka
 
 from actors.console import ConsoleLine
-from actors.messages import MarkSupplying, Ready, SessionBilled, SessionProgress, SupplyFinished
+from actors.messages import MarkSupplying, ProgressBatch, Ready, SessionBilled, SessionProgress, SupplyFinished
 from actors.panel import CpTile, PanelSnapshot, RequestRow
 from actors.session import SessionActor
 from persistence import Conflict, Repository, SessionRecord
@@ -69,6 +70,7 @@ class CpView:
     supplying: bool = False
     energy_kwh: float = 0.0
     cost_eur: float = 0.0
+    seq: int = 0  # newest telemetry seq shown for the live session (duplicates and late ones are ignored)
     power_kw: float = 0.0
     fault: str | None = None
     state: str = DISCONNECTED
@@ -190,6 +192,9 @@ class CentralActor(SupervisedActor):
                 for item in items:
                     self._on_driver_record(item)
                 return True
+            case ProgressBatch(items):
+                for p in items:
+                    self._on_progress(p)
             case SessionProgress():
                 self._on_progress(message)
             case SupplyFinished(cp_id, session_id):
@@ -365,6 +370,7 @@ class CentralActor(SupervisedActor):
         self._pending[corr] = pending
         cp.session_id, cp.driver_id = session_id, driver_id
         cp.energy_kwh = cp.cost_eur = cp.power_kw = 0.0
+        cp.seq = 0
         self._live[session_id] = cp
         tell(cp.link, Send(protocol.AuthorizeSupply(correlation_id=corr, session_id=session_id, driver_id=driver_id,
                                                    price_eur_kwh=cp.price, cp_id=cp_id)))
@@ -433,7 +439,7 @@ class CentralActor(SupervisedActor):
         if cp is None:
             return
         cp.session_id, cp.driver_id = rec.session_id, rec.driver_id
-        cp.energy_kwh, cp.cost_eur = rec.energy_kwh, rec.cost_eur
+        cp.energy_kwh, cp.cost_eur, cp.seq = rec.energy_kwh, rec.cost_eur, rec.last_seq
         cp.supplying = rec.status == "supplying"
         self._live[rec.session_id] = cp
         self._start_session_actor(rec)
@@ -450,8 +456,9 @@ class CentralActor(SupervisedActor):
 
     def _on_progress(self, p: SessionProgress) -> None:
         cp = self._live.get(p.session_id)
-        if cp is None:
+        if cp is None or p.seq <= cp.seq:
             return
+        cp.seq = p.seq
         cp.energy_kwh, cp.cost_eur, cp.power_kw = p.energy_kwh, p.cost_eur, p.power_kw
         if not cp.supplying and cp.session_id == p.session_id:
             cp.supplying = True  # telemetry proves the plug-in even if supply_started was lost

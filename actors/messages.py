@@ -60,10 +60,10 @@ class Telemetry:
     records: tuple[protocol.ChargingData, ...]
 
 
-# --- session ↔ central --------------------------------------------------------
+# --- router/session ↔ central --------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SessionProgress:
-    """Telemetry applied by a session actor: Central updates its CP view."""
+    """The newest telemetry of one session: Central updates its CP view (if ``seq`` is newer)."""
 
     session_id: str
     cp_id: str
@@ -71,6 +71,13 @@ class SessionProgress:
     energy_kwh: float
     cost_eur: float
     power_kw: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressBatch:
+    """Tell: the newest reading of every session in one Kafka poll (one message, not one per record)."""
+
+    items: tuple[SessionProgress, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ completion in the delivery is billed (so the offsets are committed only
 after the database commit); telemetry is handed over with a ``tell``, since
 the completion carries the final figures anyway, and grouped: one
 ``Telemetry`` per session per poll, so a backlog costs one actor hop per
-session rather than per record. A completion nobody owns
+session rather than per record. Central's panel figures take one
+``ProgressBatch`` per poll (Central keeps only readings newer than the last). A completion nobody owns
 (a replay after the session ended, or a supply Central lost track of) goes
 straight to the ledger, which bills it once or returns the existing ticket.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import pykka
 
-from actors.messages import BillOrphan, Ready, SessionBilled, Telemetry
+from actors.messages import BillOrphan, ProgressBatch, Ready, SessionBilled, SessionProgress, Telemetry
 from actors.session import ticket_message
 from transport import protocol
 from transport.kafka import Delivery, Publish
@@ -78,8 +79,13 @@ class SessionRouter(SupervisedActor):
             else:
                 self.stats["bad"] += 1
                 log.warning("Ignored a %s record on %s: not an Engine message", type(msg).__name__, item.topic)
+        progress: list[SessionProgress] = []
         for records in telemetry.values():
             self._telemetry(records)
+            d = max(records, key=lambda r: r.seq)
+            progress.append(SessionProgress(d.session_id, d.cp_id, d.seq, d.energy_kwh, d.cost_eur, d.power_kw))
+        if progress:
+            self.directory.tell("central", ProgressBatch(tuple(progress)))
         for msg, future in waiting:
             try:
                 future.get(timeout=self.ask_timeout)

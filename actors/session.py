@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from actors.messages import Bill, Checkpoint, SessionBilled, SessionProgress, SessionStats, SupplyFinished, Telemetry
+from actors.messages import Bill, Checkpoint, SessionBilled, SessionStats, SupplyFinished, Telemetry
 from persistence import SessionRecord, TicketRecord
 from transport import protocol
 from transport.kafka import Publish
@@ -59,7 +59,10 @@ class SessionActor(SupervisedActor):
         return None
 
     def _meter(self, records: tuple[protocol.ChargingData, ...]) -> None:
-        """Apply new readings (by ``seq``); tell the driver, Central and the ledger the newest once."""
+        """Apply new readings (by ``seq``); tell the driver and the ledger the newest once.
+
+        (Central's panel gets its figures from the router, in one message per poll.)
+        """
         newest: protocol.ChargingData | None = None
         for data in records:
             if data.seq <= self.last_seq or self.billed is not None:
@@ -75,8 +78,6 @@ class SessionActor(SupervisedActor):
             energy_kwh=data.energy_kwh, cost_eur=data.cost_eur, power_kw=data.power_kw,
         )
         self.directory.tell("publisher", Publish("driver_responses", r.driver_id, update))
-        self.directory.tell("central", SessionProgress(r.session_id, r.cp_id, data.seq, data.energy_kwh,
-                                                        data.cost_eur, data.power_kw))
         self.directory.tell("ledger", Checkpoint(r.session_id, data.seq, data.energy_kwh, data.cost_eur))
 
     def _complete(self, c: protocol.ChargeCompletion) -> TicketRecord:
