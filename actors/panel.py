@@ -6,12 +6,21 @@ renders. :func:`render` builds the rich renderable and :func:`render_text`
 the same as plain text, which is what the tests (and ``--panel text``) use.
 Colours follow the spec: ACTIVE green, STOPPED orange "Out of Order",
 SUPPLYING green with live kW/kWh/€/driver, BROKEN red, DISCONNECTED grey.
+
+A terminal shows a few dozen tiles; a network may have a thousand CPs, and
+rendering a tile costs about 1 ms. So the live panel draws the tiles that
+fit the terminal (faults first; the header counts every CP by state and
+says how many are not shown), redraws only when a snapshot arrives, and never more often than
+its own drawing cost allows: it must not starve Central of the CPU.
+``--panel text`` and :func:`render_text` still show every tile.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -73,19 +82,41 @@ def _tile(t: CpTile) -> Panel:
     return Panel(Group(*lines), title=Text(t.cp_id, style="bold"), style=style, width=27)
 
 
-def render(s: PanelSnapshot) -> Group:
-    """The whole panel as a rich renderable."""
-    tiles = Columns([_tile(t) for t in s.tiles], equal=True) if s.tiles else Text("No charging points yet.")
+ATTENTION = {"BROKEN": 0, "DISCONNECTED": 1, "STOPPED": 2, "SUPPLYING": 3, "ACTIVE": 4}  # sort is stable: ids stay in order
+TILE_WIDTH, TILE_HEIGHT = 27, 9
+LIVE_ROWS = 8  # request rows the live panel shows (the newest)  # a SUPPLYING tile: 7 lines of text and its border
+
+
+def tiles_that_fit(width: int, height: int, reserved: int = 22) -> int:
+    """How many tiles a ``width`` × ``height`` terminal shows next to the tables (at least one row)."""
+    per_row = max(1, width // TILE_WIDTH)
+    return per_row * max(1, (height - reserved) // TILE_HEIGHT)
+
+
+def render(s: PanelSnapshot, max_tiles: int | None = None) -> Group:
+    """The whole panel as a rich renderable; with ``max_tiles`` (the live panel) at most that many
+    tiles and the newest ``LIVE_ROWS`` requests; None: everything."""
+    shown = s.tiles
+    if max_tiles is not None and len(s.tiles) > max_tiles:  # the ones that need an operator first
+        shown = tuple(sorted(s.tiles, key=lambda t: ATTENTION.get(t.state, 0))[:max_tiles])
+    tiles = Columns([_tile(t) for t in shown], equal=True) if s.tiles else Text("No charging points yet.")
     requests = Table(title="Ongoing driver requests", expand=True, title_justify="left")
     for col in ("Date", "Start", "Driver", "CP", "Status"):
         requests.add_column(col)
-    for r in s.requests:
+    rows = s.requests if max_tiles is None or len(s.requests) <= LIVE_ROWS else s.requests[-LIVE_ROWS:]
+    if len(rows) < len(s.requests):
+        requests.caption = f"the newest {len(rows)} of {len(s.requests)}"
+    for r in rows:
         at = time.localtime(r.started_at) if r.started_at else None
         requests.add_row(time.strftime("%d/%m/%y", at) if at else "", time.strftime("%H:%M:%S", at) if at else "",
                          r.driver_id, r.cp_id, r.status)
     messages = Panel(Text("\n".join(s.messages) or "—"), title="Application messages", title_align="left")
     header = Text(f"EV Charging — Central   {time.strftime('%H:%M:%S', time.localtime(s.at))}", style="bold")
-    return Group(header, tiles, requests, messages)
+    counts = Counter(t.state for t in s.tiles)
+    summary = f"{len(s.tiles)} CPs: " + " · ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    if len(shown) < len(s.tiles):
+        summary += f"   (showing {len(shown)}; {len(s.tiles) - len(shown)} more do not fit — --panel text lists all)"
+    return Group(header, Text(summary), tiles, requests, messages)
 
 
 def render_text(s: PanelSnapshot, width: int = 120) -> str:
@@ -106,13 +137,15 @@ class PanelActor(SupervisedActor):
         self.text_interval = text_interval
         self.last: PanelSnapshot | None = None
         self._live: Live | None = None
+        self._console: Console | None = None
         self._last_text = 0.0
+        self._next_draw = 0.0  # a draw that took t seconds is followed by at least 3t without one
 
     def setup(self) -> None:
         if self.mode == "rich":
-            console = Console(file=self.stream) if self.stream else Console()
-            self._live = Live(Text("Central is starting…"), console=console, refresh_per_second=4,
-                              redirect_stdout=False, redirect_stderr=False)
+            console = self._console = Console(file=self.stream) if self.stream else Console()
+            self._live = Live(Text("Central is starting…"), console=console, auto_refresh=False,
+                              vertical_overflow="crop", redirect_stdout=False, redirect_stderr=False)
             self._live.start()
 
     def teardown(self) -> None:
@@ -124,7 +157,7 @@ class PanelActor(SupervisedActor):
             case PanelSnapshot():
                 self.last = message
                 if self._live is not None:
-                    self._live.update(render(message))
+                    self._draw(message)
                 elif self.mode == "text" and time.monotonic() - self._last_text >= self.text_interval:
                     self._last_text = time.monotonic()
                     print(render_text(message), file=self.stream, flush=True)
@@ -133,3 +166,11 @@ class PanelActor(SupervisedActor):
             case "snapshot":
                 return self.last
         return None
+
+    def _draw(self, snap: PanelSnapshot) -> None:
+        now = time.monotonic()
+        if now < self._next_draw or self._live is None:
+            return  # the next snapshot (Central sends one every 0.5 s while anything changes) is drawn
+        width, height = self._console.size if self._console is not None else shutil.get_terminal_size()
+        self._live.update(render(snap, tiles_that_fit(width, height)), refresh=True)
+        self._next_draw = now + 3 * (time.monotonic() - now)

@@ -262,6 +262,32 @@ def test_panel_render_shows_live_supply() -> None:
         assert expected in text, expected
 
 
+def test_live_panel_with_a_thousand_cps_draws_what_fits_faults_first() -> None:
+    """A thousand tiles cannot be seen and cost ~0.5 s to draw: the live panel draws what fits."""
+    import io
+
+    from actors.panel import CpTile, PanelActor, PanelSnapshot, render, tiles_that_fit
+
+    tiles = tuple(CpTile(f"CP{i:04d}", "Somewhere", 0.3, "SUPPLYING", f"d{i}", 7.4, 1.0, 0.3) for i in range(999))
+    snap = PanelSnapshot(tiles + (CpTile("CP9999", "Far", 0.3, "BROKEN", fault="engine KO"),), (), (), time.time())
+    fit = tiles_that_fit(120, 40)
+    text_of = io.StringIO()
+    from rich.console import Console
+    Console(file=text_of, width=120, color_system=None).print(render(snap, fit))
+    text = text_of.getvalue()
+    assert "1000 CPs: 1 BROKEN · 999 SUPPLYING" in text and f"showing {fit}; {1000 - fit} more" in text
+    assert "CP9999" in text and "engine KO" in text  # the fault is shown although its id sorts last
+    stream = io.StringIO()
+    panel = PanelActor.start("rich", stream=stream)
+    try:
+        started = time.process_time()
+        panel.ask(snap)
+        assert time.process_time() - started < 0.4  # not a full 1,000-tile render
+    finally:
+        panel.stop()  # rich writes a non-terminal stream once, at the end
+    assert "CP9999" in stream.getvalue() and "more do not fit" in stream.getvalue()
+
+
 def test_a_request_sent_while_central_was_away_is_denied_not_served(central) -> None:
     """Kafka keeps requests made during an outage; Central must not act on them later."""
     active_monitor(central, "MAD1")
