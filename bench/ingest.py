@@ -7,7 +7,7 @@
    ``charging_session_data`` (key = CP id, ``seq`` 1, 2, ... per session),
    before anything consumes them.
 3. Baseline: a plain ``KafkaConsumer`` with the settings of Central's pump
-   (fresh group, earliest, ``max_poll_records`` 500, ``fetch_max_wait_ms`` 10,
+   (fresh group, earliest, ``max_poll_records`` as Central's telemetry pump, ``fetch_max_wait_ms`` 10,
    a synchronous commit after each poll, i.e. the same at-least-once
    contract) reads all of them. Rate = records / (last record - first record).
 4. Central (``start_central`` in this process, panel off) starts with its own
@@ -79,15 +79,17 @@ def bare_consumer(settings: Any, records: int, timeout: float) -> dict[str, floa
     """The baseline: read every record with a plain consumer, commit after each poll."""
     from kafka import KafkaConsumer
 
+    from supervisors.central_system import SESSIONS_POLL_RECORDS
+
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id="bench-bare", client_id="bench-bare",
                              enable_auto_commit=False, auto_offset_reset="earliest",
-                             fetch_max_wait_ms=settings.fetch_max_wait_ms, max_poll_records=500)
+                             fetch_max_wait_ms=settings.fetch_max_wait_ms, max_poll_records=SESSIONS_POLL_RECORDS)
     consumer.subscribe([settings.topic("charging_session_data")])
     seen, first, last = 0, None, None
     deadline = time.monotonic() + timeout
     cpu0 = 0.0
     while seen < records and time.monotonic() < deadline:
-        batch = consumer.poll(timeout_ms=100, max_records=500)
+        batch = consumer.poll(timeout_ms=100, max_records=SESSIONS_POLL_RECORDS)
         if not batch:
             continue
         now = time.perf_counter()

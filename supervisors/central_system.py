@@ -79,6 +79,11 @@ def seed_cps(db_path: str, path: str) -> int:
     return n
 
 
+#: Records per poll of the telemetry pump. A catching-up Central (after a restart, a burst)
+#: gets more readings of each session per poll, and applies them as one (see SessionRouter).
+SESSIONS_POLL_RECORDS = 2000
+
+
 def start_central(config: CentralSystemConfig) -> RunningSystem:
     """Start Central in this process; returns once every child was started."""
     settings = KafkaSettings(bootstrap=config.broker, topic_prefix=config.topic_prefix)
@@ -102,7 +107,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
         ChildSpec("sessions-pump", ConsumerPump,
                   (settings, ("charging_session_data", "charging_session_complete"), "router", directory),
-                  {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions"}),
+                  {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
+                   "max_records": SESSIONS_POLL_RECORDS}),
         ChildSpec("monitor-listener", Listener,
                   (config.host, config.port, "central", directory, spawner_by_name(directory, "monitor-conns")),
                   {"max_connections": config.max_monitors, "component": "central-listener"}),

@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from types import MappingProxyType, NoneType, UnionType
-from typing import Annotated, Any, ClassVar, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Callable, ClassVar, Mapping, Union, get_args, get_origin, get_type_hints
 
 # --------------------------------------------------------------------------- enumerations
 
@@ -691,16 +691,58 @@ def _convert(value: Any, hint: Any, path: str, kind: str) -> Any:
     return _build(shape[1], value, kind, f"{path}.")
 
 
+def _fast_check(hint: Any) -> tuple[type, Callable[[Any], bool]] | None:
+    """For a scalar field: (exact type, predicate) accepting the common valid values at once.
+
+    Anything the predicate does not accept goes through :func:`_convert`, which
+    accepts or rejects it with the reason; so this only makes valid input cheaper
+    (telemetry is decoded thousands of times a second) and never changes a verdict.
+    """
+    shape = _shape(hint)
+    base, rules = (shape[1], shape[2]) if shape[0] == _ANNOTATED else (hint, ())
+    if _shape(base)[0] != _PLAIN or base not in (str, int, float, bool):
+        return None
+    checks: list[Callable[[Any], bool]] = []
+    if base is str:
+        checks.append(str.isascii)  # ASCII is always valid Unicode; other text is checked in full
+    elif base is float:
+        checks.append(math.isfinite)
+    for rule in rules:
+        if isinstance(rule, IdRule):
+            checks.append(lambda v: 0 < len(v) <= ID_MAX_LEN)
+        elif isinstance(rule, OneOf):
+            checks.append(rule.values.__contains__)
+        elif isinstance(rule, AtLeast):
+            checks.append(lambda v, m=rule.minimum: v >= m)
+        else:
+            return None
+    if not checks:
+        return base, lambda v: True
+    if len(checks) == 1:
+        return base, checks[0]
+    return base, lambda v: all(c(v) for c in checks)
+
+
+_PLANS: dict[type, tuple[tuple[str, bool, Any, tuple[type, Callable[[Any], bool]] | None], ...]] = {}
+
+
 def _build(cls: type, data: dict, kind: str, prefix: str = "") -> Any:
     """Validate ``data`` against the fields of ``cls`` and construct it."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((f.name, f.required, f.hint, _fast_check(f.hint)) for f in _specs(cls))
     kwargs = {}
-    for spec in _specs(cls):
-        value = data.get(spec.name)
-        if value is None and not spec.required:
-            continue  # null counts as missing: the dataclass default applies
-        if value is None and spec.name not in data:
-            raise ProtocolError(f"{kind} is missing required field '{prefix}{spec.name}'")
-        kwargs[spec.name] = _convert(value, spec.hint, prefix + spec.name, kind)
+    for name, required, hint, fast in plan:
+        value = data.get(name)
+        if value is None:
+            if not required:
+                continue  # null counts as missing: the dataclass default applies
+            if name not in data:
+                raise ProtocolError(f"{kind} is missing required field '{prefix}{name}'")
+        elif fast is not None and type(value) is fast[0] and fast[1](value):
+            kwargs[name] = value
+            continue
+        kwargs[name] = _convert(value, hint, prefix + name, kind)
     return cls(**kwargs)
 
 
