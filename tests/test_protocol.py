@@ -473,3 +473,32 @@ def test_arbitrary_dicts_never_crash(data):
     except ValueError:
         return
     decodes_or_refuses(decode, text.encode("utf-8", "surrogatepass"))
+
+
+def test_the_decoder_fast_path_gives_the_same_verdicts_as_the_full_check(monkeypatch) -> None:
+    """The fast path only skips work for values it is sure of; every verdict stays the same."""
+    base = {"type": "charging_data", "cp_id": "CP1", "session_id": "S1", "driver_id": "d1", "seq": 3,
+            "energy_kwh": 1.5, "cost_eur": 0.5, "power_kw": 7.4, "message_id": "m1", "timestamp": 1.0}
+    odd = ["", "x" * 500, "é", "\ud800", 0, -1, 1, True, False, 2.5, -0.0, -1e-9, 1e308, None, [], {}, "7"]
+    cases = [dict(base)] + [dict(base, **{field: v}) for field in base if field != "type" for v in odd]
+    cases += [dict(base, type="fault_notification", cp_id="CP1", reason=v) for v in odd]
+    cases += [dict(type="charge_completion", cp_id="CP1", session_id="S1", driver_id="d1", energy_kwh=1.0,
+                   cost_eur=0.3, end_reason=v) for v in odd + ["unplugged", "bogus"]]
+
+    def verdicts() -> list[object]:
+        out = []
+        for case in cases:
+            try:
+                shown = p.to_dict(p.from_dict(dict(case)))
+                for key in ("message_id", "timestamp"):  # null or absent: a fresh default each time
+                    if case.get(key) is None:
+                        shown.pop(key)
+                out.append(shown)
+            except p.ProtocolError as exc:
+                out.append(("error", str(exc)))
+        return out
+
+    fast = verdicts()
+    monkeypatch.setattr(p, "_fast_check", lambda hint: None)
+    monkeypatch.setattr(p, "_PLANS", {})
+    assert verdicts() == fast
