@@ -166,6 +166,10 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
     m.send(protocol.SupplyStarted(cp_id="MAD1", session_id=sid, driver_id="d1"))
     m.heartbeat(True)
     wait_until(lambda: state(central, "MAD1") == "SUPPLYING")
+    # the panel lists the supply among the ongoing requests
+    wait_until(lambda: (snap := central.ask("panel", "snapshot")) is not None and
+               [(r.driver_id, r.cp_id, r.status) for r in snap.requests] == [("d1", "MAD1", "supplying")],
+               what="the supply in the panel's requests table")
     for seq in (1, 2, 2, 3, 1):  # duplicates and a late one
         peer.send("charging_session_data", "MAD1", protocol.ChargingData(
             cp_id="MAD1", session_id=sid, driver_id="d1", seq=seq, energy_kwh=seq * 0.5, cost_eur=seq * 0.2, power_kw=7.4))
