@@ -113,3 +113,29 @@ def test_removed_socket_is_not_read_and_its_number_can_be_reused(reader: SocketR
     assert sink.batches == [] and sink.closed == []
     for s in (theirs, again_ours, again_theirs):
         s.close()
+
+
+def test_a_held_socket_is_not_mistaken_for_a_silent_half_frame(reader: SocketReader) -> None:
+    """While we hold a socket (its actor is busy) the peer's silence is ours: no frame timeout."""
+    import time
+
+    ours, theirs = socket.socketpair()
+    sink = Sink()
+    w = watch(ours, sink, slots=1, frame_timeout=0.3)
+    reader.add(w)
+    theirs.sendall(framing.encode_frame(b'{"n": 1}'))
+    wait_until(lambda: sink.frames() == [b'{"n": 1}'])
+    third = framing.encode_frame(b'{"n": 3}')
+    theirs.sendall(framing.encode_frame(b'{"n": 2}') + third[:4])  # a frame and the start of the next
+    wait_until(lambda: w.held is not None, what="the second batch held")
+    time.sleep(0.8)  # well past the frame timeout, with the socket held by us (a window, not a wait)
+    assert sink.closed == []
+    w.slots.release()
+    reader.slot_freed()
+    wait_until(lambda: sink.frames()[-1:] == [b'{"n": 2}'], what="the held frame delivered")
+    w.slots.release()
+    theirs.sendall(third[4:])
+    wait_until(lambda: sink.frames()[-1:] == [b'{"n": 3}'], what="the rest of the frame read")
+    assert sink.closed == []
+    ours.close()
+    theirs.close()

@@ -63,6 +63,7 @@ class SocketReader:
         self._selector = selectors.DefaultSelector()
         self._changes: deque[tuple[str, Watch]] = deque()
         self._watches: dict[int, Watch] = {}  # id(watch) -> watch (registered or held)
+        self._held: dict[int, Watch] = {}  # the ones waiting for a mailbox slot (not registered)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -109,14 +110,19 @@ class SocketReader:
         while not self._halt.is_set():
             try:
                 self._apply_changes()
-                held = any(w.held is not None for w in self._watches.values())
+                held = bool(self._held)
                 ready = self._selector.select(timeout=0.01 if held else self.tick)
                 for key, _ in ready:
                     if key.data is None:
                         self._drain_wake()
-                    else:
+                        continue
+                    try:
                         self._read(key.data)
-                if held:
+                    except Exception:  # a bug with one socket must not stall the others
+                        log.exception("%s: unexpected error reading a socket of %s — closing it", self.name,
+                                      key.data.name)
+                        self._end(key.data, "internal error while reading the connection")
+                if self._held:
                     self._retry_held()
                 now = time.monotonic()
                 if now - last_sweep >= self.tick:
@@ -150,6 +156,7 @@ class SocketReader:
 
     def _forget(self, w: Watch) -> None:
         self._watches.pop(id(w), None)
+        self._held.pop(id(w), None)
         self._unregister(w)
 
     def _unregister(self, w: Watch) -> None:
@@ -180,6 +187,7 @@ class SocketReader:
     def _hand_over(self, w: Watch, events: tuple[framing.Event, ...]) -> None:
         if not w.slots.acquire(blocking=False):  # its mailbox is full: hold the socket
             w.held = events
+            self._held[id(w)] = w
             self._unregister(w)
             return
         w.held = None
@@ -187,11 +195,14 @@ class SocketReader:
             self._end(w, "its link actor is gone")
 
     def _retry_held(self) -> None:
-        for w in list(self._watches.values()):
-            if w.held is None or w.done:
+        for w in list(self._held.values()):
+            if w.done:
+                self._held.pop(id(w), None)
                 continue
             if w.slots.acquire(blocking=False):
                 events, w.held = w.held, None
+                del self._held[id(w)]
+                w.last_bytes = time.monotonic()  # the pause was ours, not the peer's silence
                 if not w.deliver(events):
                     self._end(w, "its link actor is gone")
                     continue
@@ -201,10 +212,10 @@ class SocketReader:
                     self._end(w, f"connection lost ({exc})")
 
     def _sweep(self, now: float) -> None:
-        """Drop peers that sent half a frame and then nothing."""
+        """Drop peers that sent half a frame and then nothing (not while we hold their socket)."""
         for w in list(self._watches.values()):
             silent = now - w.last_bytes
-            if not w.done and w.decoder.in_frame and silent >= w.frame_timeout:
+            if not w.done and w.held is None and w.decoder.in_frame and silent >= w.frame_timeout:
                 reason = f"the peer sent part of a frame and then nothing for {silent:.0f} s"
                 log.warning("%s: %s — closing the connection", w.name, reason)
                 self._end(w, reason)
