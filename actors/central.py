@@ -195,8 +195,6 @@ class CentralActor(SupervisedActor):
             case ProgressBatch(items):
                 for p in items:
                     self._on_progress(p)
-            case SessionProgress():
-                self._on_progress(message)
             case SupplyFinished(cp_id, session_id):
                 return self._on_supply_finished(cp_id, session_id)
             case SessionBilled():

@@ -53,14 +53,15 @@ class Telemetry:
 
     One message per session per poll instead of one per record: under a
     backlog (a restart, a burst) the session applies them all and sends the
-    driver, Central and the ledger only the newest figures.
+    driver and the ledger only the newest figures (Central's panel gets them
+    from the router, in one ``ProgressBatch``).
     """
 
     session_id: str
     records: tuple[protocol.ChargingData, ...]
 
 
-# --- router/session ↔ central --------------------------------------------------------
+# --- router/session ↔ central ---------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SessionProgress:
     """The newest telemetry of one session: Central updates its CP view (if ``seq`` is newer)."""

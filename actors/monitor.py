@@ -12,8 +12,7 @@ as registered only once Central *accepted* (SPEC §5: the seed went ACTIVE
 before that); health-check the Engine every ``health_interval`` and call it
 KO after ``health_timeout`` without an answer, on ``ok=false``, or at once
 when the Engine's socket closes (a dead Engine need not wait for a timeout);
-report KO
-and recovery to Central once each; send the life message while registered;
+report KO and recovery to Central once each; send the life message while registered;
 relay commands both ways, answering for the Engine when it cannot.
 """
 

@@ -10,8 +10,9 @@ SUPPLYING green with live kW/kWh/€/driver, BROKEN red, DISCONNECTED grey.
 A terminal shows a few dozen tiles; a network may have a thousand CPs, and
 rendering a tile costs about 1 ms. So the live panel draws the tiles that
 fit the terminal (faults first; the header counts every CP by state and
-says how many are not shown), redraws only when a snapshot arrives, and never more often than
-its own drawing cost allows: it must not starve Central of the CPU.
+says how many are not shown), redraws only when a snapshot arrives, and
+never more often than its own drawing cost allows: it must not starve
+Central of the CPU.
 ``--panel text`` and :func:`render_text` still show every tile.
 """
 
@@ -83,8 +84,8 @@ def _tile(t: CpTile) -> Panel:
 
 
 ATTENTION = {"BROKEN": 0, "DISCONNECTED": 1, "STOPPED": 2, "SUPPLYING": 3, "ACTIVE": 4}  # sort is stable: ids stay in order
-TILE_WIDTH, TILE_HEIGHT = 27, 9
-LIVE_ROWS = 8  # request rows the live panel shows (the newest)  # a SUPPLYING tile: 7 lines of text and its border
+TILE_WIDTH, TILE_HEIGHT = 27, 9  # a SUPPLYING tile: 7 lines of text and its border
+LIVE_ROWS = 8  # request rows the live panel shows (the newest)
 
 
 def tiles_that_fit(width: int, height: int, reserved: int = 22) -> int:
@@ -103,7 +104,9 @@ def render(s: PanelSnapshot, max_tiles: int | None = None) -> Group:
     requests = Table(title="Ongoing driver requests", expand=True, title_justify="left")
     for col in ("Date", "Start", "Driver", "CP", "Status"):
         requests.add_column(col)
-    rows = s.requests if max_tiles is None or len(s.requests) <= LIVE_ROWS else s.requests[-LIVE_ROWS:]
+    rows = s.requests
+    if max_tiles is not None and len(s.requests) > LIVE_ROWS:
+        rows = tuple(sorted(s.requests, key=lambda r: r.started_at or 0.0)[-LIVE_ROWS:])
     if len(rows) < len(s.requests):
         requests.caption = f"the newest {len(rows)} of {len(s.requests)}"
     for r in rows:

@@ -7,9 +7,10 @@ after the database commit); telemetry is handed over with a ``tell``, since
 the completion carries the final figures anyway, and grouped: one
 ``Telemetry`` per session per poll, so a backlog costs one actor hop per
 session rather than per record. Central's panel figures take one
-``ProgressBatch`` per poll (Central keeps only readings newer than the last). A completion nobody owns
-(a replay after the session ended, or a supply Central lost track of) goes
-straight to the ledger, which bills it once or returns the existing ticket.
+``ProgressBatch`` per poll (Central keeps only readings newer than the
+last). A completion nobody owns (a replay after the session ended, or a
+supply Central lost track of) goes straight to the ledger, which bills it
+once or returns the existing ticket.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
 from transport import protocol
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
-from transport.kafka import ConsumerPump, Publisher, wait_ready
+from transport.kafka import ConsumerPump, Publisher
 from transport.runtime import Directory
 
 log = logging.getLogger("evcharging.driver")
@@ -108,8 +108,7 @@ def start_driver(config: DriverConfig) -> RunningSystem:
     if config.console:
         children.append(ChildSpec("console", ConsoleReader, ("driver", directory), {"stream": config.console_stream}))
     system = start_system("driver", children, directory=directory)
-    pump = system.get("pump")
-    if pump is None or not wait_ready(pump, timeout=config.ready_timeout):
+    if not system.wait_ready(config.ready_timeout):
         log.warning("Cannot reach Kafka at %s yet — the driver keeps trying", config.broker)
     return system
 
