@@ -9,8 +9,18 @@ Inputs, all as messages in one mailbox (so no locks and no races):
 * ``ConsoleLine`` commands typed into Central's terminal;
 * its own timers: life-message check, authorisation deadlines, panel refresh.
 
-State shown to people comes from :func:`derive_state`, one pure function of
-what Central knows about a CP, so the panel cannot disagree with the rules.
+Each message type has its own handler method: ``on_receive`` dispatches
+actor messages, :attr:`CentralActor.FRAME_HANDLERS` the Monitor's frames and
+:attr:`CentralActor.DRIVER_HANDLERS` the driver requests, by protocol type.
+
+State shown to people comes from :func:`actors.cp_state.derive_state` (the
+same rule the Monitor uses), so the panel cannot disagree with the rules.
+
+After a restart (its supervisor is rest_for_one; see
+``supervisors/central_system.py``) this actor knows only what the database
+says: CPs, prices and live sessions. Its Monitor connections restart after
+it, so every Monitor reconnects and registers again, and that is how it
+re-learns which CP is on which link.
 """
 
 from __future__ import annotations
@@ -25,18 +35,19 @@ from typing import Any, Callable
 import pykka
 
 from actors.console import ConsoleLine
+from actors.cp_state import CpState, derive_state
 from actors.messages import MarkSupplying, ProgressBatch, Ready, SessionBilled, SessionProgress, SupplyFinished
 from actors.panel import CpTile, PanelSnapshot, RequestRow
 from actors.session import SessionActor
 from persistence import Conflict, Repository, SessionRecord
 from transport import protocol
-from transport.kafka import Delivery, Publish
+from transport.kafka import Delivery, Inbound, Publish, PumpDown, PumpUp
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
-from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 
 log = logging.getLogger("evcharging.central")
 
-ACTIVE, STOPPED, SUPPLYING, BROKEN, DISCONNECTED = "ACTIVE", "STOPPED", "SUPPLYING", "BROKEN", "DISCONNECTED"
+ACTIVE, DISCONNECTED = CpState.ACTIVE, CpState.DISCONNECTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,20 +84,13 @@ class CpView:
     seq: int = 0  # newest telemetry seq shown for the live session (duplicates and late ones are ignored)
     power_kw: float = 0.0
     fault: str | None = None
-    state: str = DISCONNECTED
+    state: CpState = DISCONNECTED
 
-
-def derive_state(cp: CpView, now: float, life_timeout: float) -> str:
-    """The spec's state table (SPEC §2.3) as one function."""
-    if cp.link is None or cp.engine_ok is None or now - cp.last_heartbeat > life_timeout:
-        return DISCONNECTED
-    if not cp.engine_ok:
-        return BROKEN
-    if cp.supplying:
-        return SUPPLYING
-    if cp.stopped:
-        return STOPPED
-    return ACTIVE
+    def derive(self, now: float, life_timeout: float) -> CpState:
+        """Connected means: a Monitor link and a life message within ``life_timeout``."""
+        connected = self.link is not None and now - self.last_heartbeat <= life_timeout
+        return derive_state(connected=connected, engine_ok=self.engine_ok, supplying=self.supplying,
+                            stopped=self.stopped)
 
 
 @dataclass(slots=True)
@@ -201,7 +205,11 @@ class CentralActor(SupervisedActor):
                 self._on_billed(message)
             case LinkUp():
                 pass  # a Monitor connected; it becomes a CP when it registers
-            case LinkDown(link, peer, reason):
+            case PumpUp(_pump, name):
+                log.info("Central: Kafka consumer %s is reading", name)
+            case PumpDown(_pump, name, reason):
+                log.info("Central: Kafka consumer %s is down (%s); its supervisor starts another", name, reason)
+            case LinkDown(link, _peer, reason):
                 self._on_link_down(link, reason)
             case _Tick():
                 self._on_tick()
@@ -215,10 +223,12 @@ class CentralActor(SupervisedActor):
                 return self._status()
             case Ready():
                 return True
+            case _:
+                log.warning("Central ignored an unexpected %s", type(message).__name__)
         return None
 
     # --- Monitor side ---------------------------------------------------------
-    def _on_frame(self, link: pykka.ActorRef[Any], msg: Any) -> None:
+    def _on_frame(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
         if isinstance(msg, protocol.RegisterRequest):
             self._register(link, msg)
             return
@@ -228,46 +238,58 @@ class CentralActor(SupervisedActor):
             tell(link, Send(protocol.ErrorMessage(reason="register first: send register_request with your cp_id",
                                                  correlation_id=protocol.correlation_of(msg))))
             return
-        match msg:
-            case protocol.Heartbeat(engine_ok=ok):
-                was = cp.state
-                cp.last_heartbeat = time.monotonic()
-                cp.engine_ok = ok
-                if ok:
-                    cp.fault = None
-                self._refresh(cp)
-                if was == DISCONNECTED and cp.state != DISCONNECTED:
-                    self._note(f"CP {cp.cp_id} is {cp.state}")
-            case protocol.FaultNotification(reason=reason):
-                cp.engine_ok = False
-                cp.fault = reason
-                self._note(f"CP {cp.cp_id} reported a fault: {reason}")
-                if cp.session_id:
-                    self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault", f"CP {cp.cp_id} reported a fault: {reason}")
-                self._refresh(cp)
-            case protocol.FaultCleared():
-                cp.engine_ok = True
-                cp.fault = None
-                self._note(f"CP {cp.cp_id} recovered from its fault")
-                self._refresh(cp)
-            case protocol.SupplyAuthorizationResponse():
-                self._on_authorization(cp, msg)
-            case protocol.SupplyStarted(session_id=sid):
-                self._on_supply_started(cp, sid)
-            case protocol.SupplyEnded(session_id=sid, end_reason=reason):
-                if cp.session_id == sid:
-                    cp.supplying = False
-                    self._note(f"CP {cp.cp_id} ended supply {sid} ({reason})")
-                    self._refresh(cp)
-            case protocol.CpSupplyRequest(driver_id=driver, correlation_id=corr):
-                denial = self._authorize(cp.cp_id, driver, "cp", corr)
-                if denial:
-                    tell(link, Send(protocol.CpSupplyResponse(correlation_id=corr, cp_id=cp.cp_id, status="denied",
-                                                             reason=denial)))
-            case protocol.ErrorMessage(reason=reason):
-                log.warning("CP %s says: %s", cp.cp_id, reason)
-            case _:
-                log.warning("Ignored %s from CP %s: not a Monitor message", msg.TYPE, cp.cp_id)
+        handler = self.FRAME_HANDLERS.get(type(msg))
+        if handler is None:
+            log.warning("Ignored %s from CP %s: not a Monitor message", msg.TYPE, cp.cp_id)
+            return
+        handler(self, cp, link, msg)
+
+    def _on_heartbeat(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.Heartbeat) -> None:
+        was = cp.state
+        cp.last_heartbeat = time.monotonic()
+        cp.engine_ok = msg.engine_ok
+        if msg.engine_ok:
+            cp.fault = None
+        self._refresh(cp)
+        if was == DISCONNECTED and cp.state != DISCONNECTED:
+            self._note(f"CP {cp.cp_id} is {cp.state}")
+
+    def _on_fault(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.FaultNotification) -> None:
+        cp.engine_ok = False
+        cp.fault = msg.reason
+        self._note(f"CP {cp.cp_id} reported a fault: {msg.reason}")
+        if cp.session_id:
+            self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
+                               f"CP {cp.cp_id} reported a fault: {msg.reason}")
+        self._refresh(cp)
+
+    def _on_fault_cleared(self, cp: CpView, _link: pykka.ActorRef[Any], _msg: protocol.FaultCleared) -> None:
+        cp.engine_ok = True
+        cp.fault = None
+        self._note(f"CP {cp.cp_id} recovered from its fault")
+        self._refresh(cp)
+
+    def _on_authorization(self, cp: CpView, _link: pykka.ActorRef[Any],
+                          resp: protocol.SupplyAuthorizationResponse) -> None:
+        if resp.correlation_id not in self._pending:
+            log.info("Late authorisation answer from CP %s for %s ignored", cp.cp_id, resp.session_id)
+            return
+        self._finish_pending(resp.correlation_id, resp.accepted, resp.reason or "the CP refused")
+
+    def _on_supply_ended(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.SupplyEnded) -> None:
+        if cp.session_id == msg.session_id:
+            cp.supplying = False
+            self._note(f"CP {cp.cp_id} ended supply {msg.session_id} ({msg.end_reason})")
+            self._refresh(cp)
+
+    def _on_cp_supply_request(self, cp: CpView, link: pykka.ActorRef[Any], msg: protocol.CpSupplyRequest) -> None:
+        denial = self._authorize(cp.cp_id, msg.driver_id, "cp", msg.correlation_id)
+        if denial:
+            tell(link, Send(protocol.CpSupplyResponse(correlation_id=msg.correlation_id, cp_id=cp.cp_id,
+                                                     status="denied", reason=denial)))
+
+    def _on_cp_error(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.ErrorMessage) -> None:
+        log.warning("CP %s says: %s", cp.cp_id, msg.reason)
 
     def _register(self, link: pykka.ActorRef[Any], req: protocol.RegisterRequest) -> None:
         rec = self.repo.get_cp(req.cp_id)
@@ -310,7 +332,7 @@ class CentralActor(SupervisedActor):
         self._note(f"CP {cp.cp_id} lost its Monitor ({reason})")
         if cp.session_id:
             self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
-                               f"CP {cp.cp_id} lost its monitor; the supply ends and you will get the ticket")
+                               f"CP {cp.cp_id} lost its monitor; if it is not back soon the supply ends and you get the ticket")
         for corr, p in list(self._pending.items()):
             if p.cp_id == cp.cp_id:
                 self._finish_pending(corr, accepted=False, reason=f"CP {cp.cp_id} disconnected")
@@ -321,7 +343,7 @@ class CentralActor(SupervisedActor):
         lost = False
         for cp in self.cps.values():
             before = cp.state
-            if before == DISCONNECTED or derive_state(cp, now, self.config.life_timeout) == before:
+            if before == DISCONNECTED or cp.derive(now, self.config.life_timeout) == before:
                 continue
             self._refresh(cp, now)
             lost = lost or cp.state == DISCONNECTED
@@ -336,7 +358,7 @@ class CentralActor(SupervisedActor):
             self.directory.tell("panel", self._snapshot())
 
     def _refresh(self, cp: CpView, now: float | None = None) -> None:
-        state = derive_state(cp, time.monotonic() if now is None else now, self.config.life_timeout)
+        state = cp.derive(time.monotonic() if now is None else now, self.config.life_timeout)
         if state != cp.state:
             cp.state = state
             self.repo.set_cp_state(cp.cp_id, state)
@@ -377,12 +399,6 @@ class CentralActor(SupervisedActor):
         self._note(f"Driver {driver_id} requested CP {cp_id} (session {session_id})")
         self._dirty = True
         return None
-
-    def _on_authorization(self, cp: CpView, resp: protocol.SupplyAuthorizationResponse) -> None:
-        if resp.correlation_id not in self._pending:
-            log.info("Late authorisation answer from CP %s for %s ignored", cp.cp_id, resp.session_id)
-            return
-        self._finish_pending(resp.correlation_id, resp.accepted, resp.reason or "the CP refused")
 
     def _finish_pending(self, corr: str, accepted: bool, reason: str) -> None:
         p = self._pending.pop(corr)
@@ -442,7 +458,8 @@ class CentralActor(SupervisedActor):
         self._live[rec.session_id] = cp
         self._start_session_actor(rec)
 
-    def _on_supply_started(self, cp: CpView, sid: str) -> None:
+    def _on_supply_started(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.SupplyStarted) -> None:
+        sid = msg.session_id
         if cp.session_id != sid:
             log.warning("CP %s started unknown session %s", cp.cp_id, sid)
             return
@@ -489,65 +506,75 @@ class CentralActor(SupervisedActor):
                        f"{b.cost_eur:.2f} € ({b.end_reason})")
 
     # --- drivers -----------------------------------------------------------------
-    def _on_driver_record(self, item: Any) -> None:
+    def _on_driver_record(self, item: Inbound) -> None:
         if item.error is not None:
             log.warning("Ignored a bad driver request (key %s): %s", item.key, item.error)
             return
-        msg = item.message
-        match msg:
-            case protocol.AvailableCpsRequest(driver_id=d, correlation_id=corr):
-                now = time.monotonic()
-                for cp in self.cps.values():
-                    self._refresh(cp, now)
-                cps = tuple(protocol.CpInfo(cp_id=c.cp_id, location=c.location, price_eur_kwh=c.price, state=c.state)
-                            for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
-                self._to_driver(d, protocol.AvailableCpsResponse(driver_id=d, correlation_id=corr, charging_points=cps))
-            case protocol.ChargeRequest(driver_id=d, cp_id=cp_id, correlation_id=corr):
-                self.repo.ensure_driver(d)
-                age = time.time() - item.timestamp if item.timestamp else 0.0
-                if age > self.config.request_max_age:
-                    # SPEC §3: no new requests are accepted while Central is down, even when
-                    # Kafka kept them; the driver was already told Central was unavailable.
-                    denial = f"request expired: it was sent {age:.0f} s ago, while Central was unavailable"
-                else:
-                    denial = self._authorize(cp_id, d, "driver", corr)
-                if denial:
-                    self._note(f"Driver {d} denied at {cp_id}: {denial}")
-                    self._to_driver(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="denied",
-                                                               cp_id=cp_id, reason=denial))
-            case protocol.StopChargingRequest(driver_id=d, session_id=sid, correlation_id=corr):
-                cp = self._live.get(sid)
-                if cp is None or cp.driver_id != d:
-                    self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="error",
-                                                                     session_id=sid, reason=f"no live session {sid} of yours"))
-                elif cp.link is None:
-                    self._to_driver(d, protocol.StopChargingResponse(
-                        driver_id=d, correlation_id=corr, status="error", session_id=sid,
-                        reason=f"CP {cp.cp_id} is not connected; the supply ends when it reports"))
-                else:
-                    tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="driver_stop")))
-                    self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="ok",
-                                                                     session_id=sid))
-                    self._note(f"Driver {d} asked to stop session {sid}")
-            case protocol.DriverHello(driver_id=d, correlation_id=corr):
-                self.repo.ensure_driver(d)
-                active = None
-                for sid, cp in self._live.items():
-                    if cp.driver_id == d:
-                        active = protocol.ActiveSessionInfo(session_id=sid, cp_id=cp.cp_id, energy_kwh=cp.energy_kwh,
-                                                            cost_eur=cp.cost_eur, state=cp.state)
-                tickets = tuple(
-                    protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
-                                        energy_kwh=t.energy_kwh, cost_eur=t.cost_eur,
-                                        started_at=t.started_at or t.issued_at, ended_at=t.ended_at or t.issued_at,
-                                        end_reason=t.end_reason or "unplugged")
-                    for t in self.repo.unacked_tickets(d))
-                self._to_driver(d, protocol.DriverHelloResponse(driver_id=d, correlation_id=corr, tickets=tickets,
-                                                                active_session=active))
-            case protocol.TicketAck(driver_id=d, session_id=sid):
-                self.repo.ack_ticket(d, sid)
-            case _:
-                log.warning("Ignored a %s record on driver_requests: not a driver request", msg.TYPE)
+        handler = self.DRIVER_HANDLERS.get(type(item.message))
+        if handler is None:
+            log.warning("Ignored a %s record on driver_requests: not a driver request", item.message.TYPE)
+            return
+        handler(self, item.message, item)
+
+    def _on_list_request(self, msg: protocol.AvailableCpsRequest, _item: Inbound) -> None:
+        now = time.monotonic()
+        for cp in self.cps.values():
+            self._refresh(cp, now)
+        cps = tuple(protocol.CpInfo(cp_id=c.cp_id, location=c.location, price_eur_kwh=c.price, state=c.state)
+                    for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
+        self._to_driver(msg.driver_id, protocol.AvailableCpsResponse(
+            driver_id=msg.driver_id, correlation_id=msg.correlation_id, charging_points=cps))
+
+    def _on_charge_request(self, msg: protocol.ChargeRequest, item: Inbound) -> None:
+        d, cp_id, corr = msg.driver_id, msg.cp_id, msg.correlation_id
+        self.repo.ensure_driver(d)
+        age = time.time() - item.timestamp if item.timestamp else 0.0
+        if age > self.config.request_max_age:
+            # SPEC §3: no new requests are accepted while Central is down, even when
+            # Kafka kept them; the driver was already told Central was unavailable.
+            denial: str | None = f"request expired: it was sent {age:.0f} s ago, while Central was unavailable"
+        else:
+            denial = self._authorize(cp_id, d, "driver", corr)
+        if denial:
+            self._note(f"Driver {d} denied at {cp_id}: {denial}")
+            self._to_driver(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="denied",
+                                                       cp_id=cp_id, reason=denial))
+
+    def _on_stop_request(self, msg: protocol.StopChargingRequest, _item: Inbound) -> None:
+        d, sid, corr = msg.driver_id, msg.session_id, msg.correlation_id
+        cp = self._live.get(sid)
+        if cp is None or cp.driver_id != d:
+            self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="error",
+                                                             session_id=sid, reason=f"no live session {sid} of yours"))
+        elif cp.link is None:
+            self._to_driver(d, protocol.StopChargingResponse(
+                driver_id=d, correlation_id=corr, status="error", session_id=sid,
+                reason=f"CP {cp.cp_id} is not connected; the supply ends when it reports"))
+        else:
+            tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="driver_stop")))
+            self._to_driver(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="ok",
+                                                             session_id=sid))
+            self._note(f"Driver {d} asked to stop session {sid}")
+
+    def _on_driver_hello(self, msg: protocol.DriverHello, _item: Inbound) -> None:
+        d = msg.driver_id
+        self.repo.ensure_driver(d)
+        active = None
+        for sid, cp in self._live.items():
+            if cp.driver_id == d:
+                active = protocol.ActiveSessionInfo(session_id=sid, cp_id=cp.cp_id, energy_kwh=cp.energy_kwh,
+                                                    cost_eur=cp.cost_eur, state=cp.state)
+        tickets = tuple(
+            protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
+                                energy_kwh=t.energy_kwh, cost_eur=t.cost_eur,
+                                started_at=t.started_at or t.issued_at, ended_at=t.ended_at or t.issued_at,
+                                end_reason=t.end_reason or "unplugged")
+            for t in self.repo.unacked_tickets(d))
+        self._to_driver(d, protocol.DriverHelloResponse(driver_id=d, correlation_id=msg.correlation_id,
+                                                        tickets=tickets, active_session=active))
+
+    def _on_ticket_ack(self, msg: protocol.TicketAck, _item: Inbound) -> None:
+        self.repo.ack_ticket(msg.driver_id, msg.session_id)
 
     def _to_driver(self, driver_id: str, message: Any) -> None:
         self.directory.tell("publisher", Publish("driver_responses", driver_id, message))
@@ -615,3 +642,24 @@ class CentralActor(SupervisedActor):
                 rows.append(RequestRow(self._started.get(sid), cp.driver_id, cp.cp_id,
                                        "supplying" if cp.supplying else "authorised"))
         return PanelSnapshot(tiles, tuple(rows), tuple(self._messages), time.time())
+
+    #: One handler per Monitor message type (after registration).
+    FRAME_HANDLERS: dict[type, Callable[..., None]] = {
+        protocol.Heartbeat: _on_heartbeat,
+        protocol.FaultNotification: _on_fault,
+        protocol.FaultCleared: _on_fault_cleared,
+        protocol.SupplyAuthorizationResponse: _on_authorization,
+        protocol.SupplyStarted: _on_supply_started,
+        protocol.SupplyEnded: _on_supply_ended,
+        protocol.CpSupplyRequest: _on_cp_supply_request,
+        protocol.ErrorMessage: _on_cp_error,
+    }
+
+    #: One handler per driver request type on ``driver_requests``.
+    DRIVER_HANDLERS: dict[type, Callable[..., None]] = {
+        protocol.AvailableCpsRequest: _on_list_request,
+        protocol.ChargeRequest: _on_charge_request,
+        protocol.StopChargingRequest: _on_stop_request,
+        protocol.DriverHello: _on_driver_hello,
+        protocol.TicketAck: _on_ticket_ack,
+    }

@@ -2,7 +2,7 @@
 
 Why: keyboard input blocks, and an actor must never block. The reader owns a
 small thread that does the blocking ``readline`` and *tells* each line to a
-target actor looked up by name in the :class:`~transport.runtime.Directory`
+target actor looked up by name in the :class:`~actors.runtime.Directory`
 (so the target may be restarted under our feet). The thread only ever tells,
 so it is a daemon: a ``readline`` that never returns cannot keep the process
 alive, and being cut short at exit leaves nothing half-written. End of input
@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.console")
 

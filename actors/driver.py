@@ -1,12 +1,21 @@
-"""DriverActor: the driver app's domain — requests, live supply, tickets, services.
+"""DriverActor: the driver app's request correlation — pending requests, the hello, the live supply, tickets.
+
+The driver app is three actors with one job each (``actors/driver_messages.py``
+lists the messages between them): this one (``driver``) owns the requests
+to Central and the state their answers belong to; ``services``
+(``actors/driver_services.py``) walks the services file; ``output``
+(``actors/driver_console.py``) words everything the person sees and parses
+what the person types.
 
 Why an actor of its own: the driver's state (pending requests by correlation
-id, the live supply, the tickets already shown, the services runner) must
-survive a restart of its Kafka pump or publisher, so links live in sibling
-actors and this one only *tells* ``Publish`` to the actor named "publisher"
-and handles the ``Delivery`` its pump asks it to. It never imports Kafka or
-sockets, never blocks and never sleeps: every wait is a timer that tells a
-message back (request timeouts, the pause between services, hello retries).
+id, the live supply, the tickets already shown) must survive a restart of its
+Kafka pump or publisher, so links live in sibling actors and this one only
+*tells* ``Publish`` to the actor named "publisher" and handles the
+``Delivery`` its pump asks it to. It never imports Kafka or sockets, never
+blocks and never sleeps: every wait is a timer that tells a message back
+(request timeouts, hello retries). A restarted DriverActor re-learns what it
+lost from Central: it says hello again and gets the live supply and the
+tickets not yet acknowledged.
 
 What it reads is the driver's *partition* of ``driver_responses``, shared
 with other drivers: records whose key or ``driver_id`` is not ours are
@@ -21,27 +30,18 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pykka
 
-from actors.console import ConsoleLine
+from actors import driver_messages as m
 from transport import protocol
-from transport.kafka import Delivery, Inbound, Publish, Published, PublishFailed, PumpReady
-from transport.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
+from transport.kafka import Delivery, Inbound, Publish, Published, PublishFailed, PumpDown, PumpUp
+from actors.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
 
 log = logging.getLogger("evcharging.driver")
 
 CENTRAL_UNAVAILABLE = "Central is unavailable"
-HELP = (
-    "Commands:\n"
-    "  list          show the charging points (id, location, price, state)\n"
-    "  charge CP_ID  ask Central for a supply at CP_ID\n"
-    "  stop          stop your live supply (the ticket follows)\n"
-    "  status        what this app knows right now\n"
-    "  help          this text\n"
-    "  quit          leave the app (a live supply goes on; come back for the ticket)"
-)
 
 
 # --- asks for tests and the launcher ------------------------------------------
@@ -66,11 +66,6 @@ class DriverStatus:
 
 # --- timers (private) -----------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class _PumpCheck:
-    """Poll the pump until it is positioned (and later: notice a restarted pump)."""
-
-
-@dataclass(frozen=True, slots=True)
 class _RequestTimeout:
     correlation_id: str
 
@@ -78,11 +73,6 @@ class _RequestTimeout:
 @dataclass(frozen=True, slots=True)
 class _RetryHello:
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class _NextService:
-    index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +85,7 @@ class _StillWaiting:
 class _Pending:
     """One request that waits for Central's answer."""
 
-    kind: str  # "hello" | "list" | "charge" | "stop"
+    kind: m.RequestKind
     cp_id: str | None = None
     session_id: str | None = None
     timer: threading.Timer | None = None
@@ -126,16 +116,14 @@ class _Live:
 
 
 class DriverActor(SupervisedActor):
-    """One driver: shows its supply step by step and runs its services file.
+    """One driver's requests: correlation, timeouts, the hello, the live supply, tickets.
 
-    ``services`` None means interactive mode (console commands only); a
-    sequence of CP ids runs them one by one, ``pause`` seconds apart.
-    ``on_finish(reason)`` is called on ``quit`` and, with ``exit_when_done``,
-    after the last service; by default it stops this actor's supervisor (the
-    whole driver system), without waiting. ``report(snapshot)`` (file mode)
-    gets the results when the last service ended and again when the actor
-    stops, so whoever started the driver can keep them (the launcher writes
-    them to a JSON file): the status dict plus ``services``, the results.
+    The services file is run by the ``services`` actor (it tells
+    ``RequestCharge`` and learns the outcome from ServiceAuthorised /
+    ServiceFailed / TicketShown); everything the person sees is told as news
+    to the ``output`` actor, which also turns typed lines into the commands
+    handled here. ``on_finish(reason)`` is called on ``quit``; by default it
+    stops this actor's supervisor (the whole driver system), without waiting.
     """
 
     def __init__(
@@ -143,37 +131,31 @@ class DriverActor(SupervisedActor):
         driver_id: str,
         directory: Directory,
         *,
-        services: Sequence[str] | None = None,
-        pause: float = 4.0,
         request_timeout: float = 10.0,
         hello_backoff_max: float = 15.0,
         ticket_notice_interval: float = 30.0,
-        exit_when_done: bool = False,
         on_finish: Callable[[str], None] | None = None,
-        report: Callable[[dict[str, Any]], None] | None = None,
         publisher: str = "publisher",
         pump: str = "pump",
+        services: str = "services",
+        output: str = "output",
         supervision: Supervision | None = None,
     ) -> None:
         super().__init__(supervision=supervision)
         self.driver_id = driver_id
         self.directory = directory
-        self.services = tuple(services) if services is not None else None
-        self.pause = pause
         self.request_timeout = request_timeout
         self.ticket_notice_interval = ticket_notice_interval
-        self.exit_when_done = exit_when_done
         self._on_finish = on_finish
-        self._on_report = report
         self._publisher = publisher
         self._pump = pump
+        self._services = services
+        self._output = output
         self._hello_delay = backoff_strategy(0.5, hello_backoff_max)
         # links
         self._pump_urn: str | None = None
-        self._pump_future: pykka.Future[Any] | None = None
-        self._pump_poll = 0.02
         self._online = False
-        self._deferred: list[str] = []
+        self._deferred: list[m.Command] = []
         self._timers: list[threading.Timer] = []
         # requests and supply
         self._pending: dict[str, _Pending] = {}
@@ -186,21 +168,14 @@ class DriverActor(SupervisedActor):
         self._ticket_set: set[str] = set()
         self._events_seen: set[tuple[str, str]] = set()
         self._cancelled: set[str] = set()
-        # services runner
-        self._index = 0
-        self._started = False
-        self._results: list[dict[str, Any]] = []
-        self._waiting_session: str | None = None  # the authorised service waits for this ticket
-        self._finished = False
+        # the services runner's progress, as it last told it (for the asks)
+        self._progress: m.ServicesProgress | None = None
 
     # --- lifecycle -------------------------------------------------------------
     def setup(self) -> None:
-        mode = f"{len(self.services)} service(s) from a file" if self.services is not None else "interactive"
-        log.info("Driver %s starting (%s); connecting to Kafka", self.driver_id, mode)
-        self._later(0.0, _PumpCheck())
+        self.directory.tell(self._services, m.DriverStarted())  # a restart lost every pending request
 
     def teardown(self) -> None:
-        self._send_report()
         for timer in self._timers:
             timer.cancel()
         for p in self._pending.values():
@@ -215,19 +190,29 @@ class DriverActor(SupervisedActor):
             case Delivery(items):
                 for item in items:
                     self._on_record(item)
-            case ConsoleLine(text):
-                self._on_console(text)
-            case _PumpCheck():
-                self._check_pump()
+            case m.ListCps() | m.ChargeAt() | m.StopSupply() | m.ShowStatus() | m.Quit():
+                self._on_command(message)
+            case m.RequestCharge(cp_id, service):
+                self._request(_Pending("charge", cp_id, for_service=service),
+                              lambda corr: protocol.ChargeRequest(driver_id=self.driver_id, cp_id=cp_id,
+                                                                  correlation_id=corr),
+                              f"charge request for {cp_id}")
+            case m.RunnerStarted():
+                if self._hello_answered:
+                    self._central_answered(hello_failed=False)
+            case m.ServicesProgress():
+                self._progress = message
+            case PumpUp(pump, name) if name == self._pump:
+                self._on_pump_up(pump)
+            case PumpDown(pump, name, reason) if name == self._pump and pump.actor_urn == self._pump_urn:
+                log.debug("driver: the pump is down (%s); requests wait for the next one", reason)
+                self._online = False
             case _RequestTimeout(corr):
                 self._on_timeout(corr)
             case _RetryHello():
                 self._hello_retry = None
                 if not self._hello_answered:
                     self._send_hello()
-            case _NextService(index):
-                if index == self._index and not self._finished:
-                    self._request_service()
             case _StillWaiting(sid):
                 self._still_waiting(sid)
             case PublishFailed(token, reason):
@@ -235,14 +220,14 @@ class DriverActor(SupervisedActor):
             case Published():
                 pass
             case DriverResults():
-                return [dict(r) for r in self._results]
+                return [dict(r) for r in self._progress.results] if self._progress is not None else []
             case DriverStatus():
                 return self._status()
             case _:
                 log.debug("driver: ignoring %s", type(message).__name__)
         return None
 
-    # --- timers and publishing ----------------------------------------------------
+    # --- timers, publishing, telling ------------------------------------------------
     def _later(self, delay: float, message: Any) -> threading.Timer:
         self._timers = [t for t in self._timers if t.is_alive()]
         timer = schedule(delay, self.actor_ref, message)
@@ -261,46 +246,38 @@ class DriverActor(SupervisedActor):
         self._publish(build(corr), what)
         return corr
 
-    # --- the pump: nothing is sent before it is positioned --------------------------
-    def _check_pump(self) -> None:
-        pump = self.directory.get(self._pump)
-        if pump is not None and pump.actor_urn != self._pump_urn:
-            # first pump, or a restarted one: it starts at the end again, so the
-            # records sent while it was away are lost to us; the hello recovers them
-            if self._online:
-                log.warning("The Kafka link restarted; asking Central again what was missed")
-            self._pump_urn, self._pump_future, self._pump_poll = pump.actor_urn, None, 0.02
-            self._online = False
-        if pump is not None and not self._online:
-            ready = self._poll_ready(pump)
-            if ready:
-                self._go_online()
-        # fast while starting, then gently (Kafka may be away for long); 1 s once online
-        self._pump_poll = 1.0 if self._online else min(self._pump_poll * 1.2, 0.5)
-        self._later(self._pump_poll, _PumpCheck())
+    def _show(self, news: Any) -> None:
+        """Tell the output actor something to show (dropped while it restarts)."""
+        self.directory.tell(self._output, news)
 
-    def _poll_ready(self, pump: pykka.ActorRef[Any]) -> bool:
-        """Ask without waiting: start an ask, look at its answer on a later tick."""
-        if self._pump_future is None:
-            try:
-                self._pump_future = pump.ask(PumpReady(), block=False)
-            except pykka.ActorDeadError:
-                return False
-            return False
-        try:
-            ready = bool(self._pump_future.get(timeout=0))
-        except pykka.Timeout:
-            return False
-        except pykka.ActorDeadError:
-            ready = False
-        self._pump_future = None
-        return ready
+    def _to_services(self, fact: Any) -> None:
+        """Tell the services runner (there is none in interactive mode)."""
+        self.directory.tell(self._services, fact)
+
+    def _central_answered(self, hello_failed: bool) -> None:
+        pending = next((p.for_service for p in self._pending.values()
+                        if p.kind == "charge" and p.for_service is not None), None)
+        self._to_services(m.CentralAnswered(self._live.session_id if self._live is not None else None,
+                                            hello_failed, pending))
+
+    def _live_changed(self) -> None:
+        self._to_services(m.LiveChanged(self._live.as_dict() if self._live is not None else None,
+                                        tuple(self._tickets_seen)))
+
+    # --- the pump: nothing is sent before it is positioned --------------------------
+    def _on_pump_up(self, pump: pykka.ActorRef[Any]) -> None:
+        """The pump (the first, or a restarted one) is positioned. A restarted pump starts at
+        the end again, so records sent while it was away are lost to us; the hello recovers them."""
+        if self._pump_urn is not None and pump.actor_urn != self._pump_urn:
+            self._show(m.LinkNews("restarted"))
+        self._pump_urn = pump.actor_urn
+        self._go_online()
 
     def _go_online(self) -> None:
         first = self._hello_attempts == 0
         self._online = True
         if first:
-            log.info("Connected to Kafka; saying hello to Central")
+            self._show(m.LinkNews("connected"))
         else:
             self._hello_answered = False
         if not any(p.kind == "hello" for p in self._pending.values()):
@@ -309,8 +286,8 @@ class DriverActor(SupervisedActor):
                 self._hello_retry = None
             self._send_hello()
         deferred, self._deferred = self._deferred, []
-        for line in deferred:
-            self._on_console(line)
+        for command in deferred:
+            self._on_command(command)
 
     # --- hello: live supply and missed tickets ------------------------------------
     def _send_hello(self) -> None:
@@ -323,28 +300,21 @@ class DriverActor(SupervisedActor):
         if self._hello_retry is not None:
             self._hello_retry.cancel()
             self._hello_retry = None
-        if msg.status != "ok":
-            log.warning("Central answered the hello with status %s", msg.status)
         active = msg.active_session
+        adopted: protocol.ActiveSessionInfo | None = None
+        plugged = False
         if active is not None and active.session_id not in self._ticket_set | self._cancelled:
             live = self._adopt(active.session_id, active.cp_id)
             live.energy_kwh, live.cost_eur = active.energy_kwh, active.cost_eur
             live.plugged = live.plugged or active.started_at is not None or active.state.upper() == "SUPPLYING" \
                 or active.energy_kwh > 0
-            if live.plugged:
-                log.info("You are charging at %s: %.2f kWh, %.2f € (session %s)",
-                         active.cp_id, active.energy_kwh, active.cost_eur, active.session_id)
-            else:
-                log.info("Your supply at %s (session %s) is authorised, waiting for the plug-in",
-                         active.cp_id, active.session_id)
+            adopted, plugged = active, live.plugged
+            self._live_changed()
         fresh = [t for t in msg.tickets if t.session_id not in self._ticket_set]
-        if fresh:
-            log.info("You have %d ticket(s) you had not seen:", len(fresh))
+        self._show(m.HelloNews(msg, adopted, plugged, len(fresh)))
         for t in msg.tickets:
             self._on_ticket(t)
-        if active is None and not fresh:
-            log.info("Central answered: no supply in progress, no missed tickets")
-        self._maybe_start_services()
+        self._central_answered(hello_failed=False)
 
     # --- records from our partition -------------------------------------------------
     def _on_record(self, item: Inbound) -> None:
@@ -361,7 +331,7 @@ class DriverActor(SupervisedActor):
         except Exception as exc:  # one odd record must not stall the pump
             log.error("Could not handle a %s from Central: %s", getattr(msg, "TYPE", "record"), exc, exc_info=True)
 
-    def _dispatch(self, msg: Any) -> None:
+    def _dispatch(self, msg: protocol.Message) -> None:
         corr = protocol.correlation_of(msg)
         match msg:
             case protocol.DriverHelloResponse():
@@ -370,16 +340,12 @@ class DriverActor(SupervisedActor):
                     self._on_hello(msg)  # a late answer is news only while no later one came
             case protocol.AvailableCpsResponse():
                 if self._settle(corr, "list") is not None:
-                    self._show_cps(msg.charging_points)
+                    self._show(m.CpsNews(msg))
             case protocol.ChargeResponse():
                 self._on_charge_response(msg)
             case protocol.StopChargingResponse():
                 if self._settle(corr, "stop") is not None:
-                    if msg.status == "ok":
-                        log.info("Central is stopping your supply%s; the ticket follows",
-                                 f" (session {msg.session_id})" if msg.session_id else "")
-                    else:
-                        log.warning("Central could not stop the supply: %s", msg.reason or msg.status)
+                    self._show(m.StopNews(msg))
             case protocol.SupplyEvent():
                 self._on_event(msg)
             case protocol.ChargingStatusUpdate():
@@ -415,37 +381,32 @@ class DriverActor(SupervisedActor):
         self._expired[corr] = pending
         while len(self._expired) > 256:
             self._expired.popitem(last=False)
-        wait = f"no answer within {self.request_timeout:g} s"
-        match pending.kind:
-            case "hello" if self._hello_answered:
-                pass  # another hello of ours was answered meanwhile
-            case "hello":
-                delay = self._hello_delay(self._hello_attempts)
-                log.warning("%s (%s) — will retry in %.1f s", CENTRAL_UNAVAILABLE, wait, delay)
-                self._hello_retry = self._later(delay, _RetryHello())
-                self._maybe_start_services(hello_failed=True)
-            case "list":
-                log.warning("%s — %s to the list request", CENTRAL_UNAVAILABLE, wait)
-            case "stop":
-                log.warning("%s — %s to the stop request; try again", CENTRAL_UNAVAILABLE, wait)
-            case "charge":
-                log.warning("%s — %s to the charge request for %s", CENTRAL_UNAVAILABLE, wait, pending.cp_id)
-                if pending.for_service is not None:
-                    self._service_ended("unavailable", reason=f"{CENTRAL_UNAVAILABLE} ({wait})")
+        if pending.kind == "hello":
+            if self._hello_answered:
+                return  # another hello of ours was answered meanwhile
+            delay = self._hello_delay(self._hello_attempts)
+            self._show(m.UnansweredNews("hello", self.request_timeout, retry_in=delay))
+            self._hello_retry = self._later(delay, _RetryHello())
+            self._central_answered(hello_failed=True)
+            return
+        self._show(m.UnansweredNews(pending.kind, self.request_timeout, cp_id=pending.cp_id))
+        if pending.kind == "charge" and pending.for_service is not None:
+            reason = f"{CENTRAL_UNAVAILABLE} (no answer within {self.request_timeout:g} s)"
+            self._to_services(m.ServiceFailed(pending.for_service, "unavailable", reason))
 
     def _on_error(self, corr: str | None, reason: str) -> None:
         pending = self._pending.pop(corr, None) if corr else None
         if pending is None:
-            log.warning("Central reported an error: %s", reason)
+            self._show(m.RefusedNews(reason))
             return
         if pending.timer is not None:
             pending.timer.cancel()
-        log.warning("Central refused the %s request: %s", pending.kind, reason)
+        self._show(m.RefusedNews(reason, pending.kind))
         if pending.kind == "hello":
             self._hello_retry = self._later(self._hello_delay(self._hello_attempts), _RetryHello())
-            self._maybe_start_services(hello_failed=True)
+            self._central_answered(hello_failed=True)
         elif pending.kind == "charge" and pending.for_service is not None:
-            self._service_ended("denied", reason=reason)
+            self._to_services(m.ServiceFailed(pending.for_service, "denied", reason))
 
     # --- a supply, step by step --------------------------------------------------
     def _on_charge_response(self, msg: protocol.ChargeResponse) -> None:
@@ -457,16 +418,16 @@ class DriverActor(SupervisedActor):
         if pending.timer is not None:
             pending.timer.cancel()
         if msg.status == "authorized" and msg.session_id:
-            self._announce(msg.session_id, "authorized", "Authorised at %s (session %s) — plug in your vehicle",
-                           msg.cp_id, msg.session_id)
+            self._announce(msg.session_id, msg.cp_id)
             self._adopt(msg.session_id, msg.cp_id)
+            self._live_changed()
             if pending.for_service is not None:
-                self._waiting_session = msg.session_id
+                self._to_services(m.ServiceAuthorised(pending.for_service, msg.session_id))
             return
-        reason = msg.reason or "no reason given"
-        log.warning("Denied at %s: %s", msg.cp_id, reason)
+        self._show(m.DeniedNews(msg))
         if pending.for_service is not None:
-            self._service_ended("denied", session_id=msg.session_id or pending.session_id, reason=reason)
+            self._to_services(m.ServiceFailed(pending.for_service, "denied", msg.reason or "no reason given",
+                                              msg.session_id or pending.session_id))
 
     def _late_charge_response(self, msg: protocol.ChargeResponse) -> None:
         """Central answered a charge request we had given up on (it was away).
@@ -479,21 +440,21 @@ class DriverActor(SupervisedActor):
         if late is None or late.kind != "charge":
             return
         if msg.status != "authorized" or not msg.session_id:
-            log.info("Late answer from Central: %s denied (%s)", msg.cp_id, msg.reason or "no reason given")
+            self._show(m.LateChargeNews(msg, "denied"))
             return
         if late.for_service is None and self._live is None:
-            log.info("Late answer from Central: authorised at %s (session %s) — plug in your vehicle",
-                     msg.cp_id, msg.session_id)
+            self._show(m.LateChargeNews(msg, "adopted"))
             self._adopt(msg.session_id, msg.cp_id)
+            self._live_changed()
             return
         # The service was already counted as failed: do not hold the CP for nothing.
-        log.info("Late answer from Central: authorised at %s (session %s), but that request was given up; "
-                 "cancelling it", msg.cp_id, msg.session_id)
+        self._show(m.LateChargeNews(msg, "cancelled"))
         self._cancelled.add(msg.session_id)
         if self._live is not None and self._live.session_id == msg.session_id:
             self._drop_live()
-        self._request(_Pending("stop", msg.cp_id, msg.session_id),
-                      lambda corr: protocol.StopChargingRequest(driver_id=self.driver_id, session_id=msg.session_id,
+        session_id = msg.session_id
+        self._request(_Pending("stop", msg.cp_id, session_id),
+                      lambda corr: protocol.StopChargingRequest(driver_id=self.driver_id, session_id=session_id,
                                                                 correlation_id=corr), "stop request")
 
     def _on_event(self, ev: protocol.SupplyEvent) -> None:
@@ -503,7 +464,6 @@ class DriverActor(SupervisedActor):
         if key in self._events_seen:
             return  # redelivered
         self._events_seen.add(key)
-        detail = f" ({ev.detail})" if ev.detail else ""
         pending = self._pending_charge(ev.cp_id)
         if pending is not None and ev.event in ("requested", "waiting_cp"):
             pending.session_id = ev.session_id  # Central is alive and working: give the CP its time
@@ -515,33 +475,22 @@ class DriverActor(SupervisedActor):
             live.last_news = time.monotonic()
         if pending is None and live is None and self._is_stale(ev):
             return
-        match ev.event:
-            case "requested":
-                log.info("Central received the request for %s (session %s)", ev.cp_id, ev.session_id)
-            case "waiting_cp":
-                log.info("Waiting for %s to answer", ev.cp_id)
-            case "authorized":
-                self._announce(ev.session_id, "authorized", "Authorised at %s (session %s) — plug in your vehicle",
-                               ev.cp_id, ev.session_id)
-            case "denied":
-                log.warning("Denied at %s%s", ev.cp_id, detail)
-                if pending is not None and pending.session_id == ev.session_id:
-                    # the denial of our pending request, told as an event: the request is over
-                    self._settle(self._corr_of(pending), "charge")
-                    if pending.for_service is not None:
-                        self._service_ended("denied", session_id=ev.session_id, reason=ev.detail or "denied")
-            case "plugged_in":
-                if live is None and ev.session_id not in self._cancelled:
-                    live = self._adopt(ev.session_id, ev.cp_id)
-                if live is not None:
-                    live.plugged = True
-                log.info("Plugged in at %s — the supply has started", ev.cp_id)
-            case "fault":
-                log.warning("Fault at %s%s — the supply ends; the ticket follows", ev.cp_id, detail)
-            case "stopped":
-                log.info("Supply at %s stopped%s; the ticket follows", ev.cp_id, detail)
-            case "central_unavailable":
-                log.warning("%s%s", CENTRAL_UNAVAILABLE, detail)
+        if ev.event == "authorized":
+            self._announce(ev.session_id, ev.cp_id)
+            return
+        self._show(m.StepNews(ev))
+        if ev.event == "denied" and pending is not None and pending.session_id == ev.session_id:
+            # the denial of our pending request, told as an event: the request is over
+            self._settle(self._corr_of(pending), "charge")
+            if pending.for_service is not None:
+                self._to_services(m.ServiceFailed(pending.for_service, "denied", ev.detail or "denied",
+                                                  ev.session_id))
+        elif ev.event == "plugged_in":
+            if live is None and ev.session_id not in self._cancelled:
+                live = self._adopt(ev.session_id, ev.cp_id)
+            if live is not None:
+                live.plugged = True
+                self._live_changed()
 
     def _is_stale(self, ev: protocol.SupplyEvent) -> bool:
         """An event about a request given up in file mode (Central was away): say it once."""
@@ -552,8 +501,7 @@ class DriverActor(SupervisedActor):
         if not given_up or ev.event not in ("requested", "waiting_cp", "authorized"):
             return False
         self._cancelled.add(ev.session_id)
-        log.info("Central is now handling the request for %s it did not answer in time (session %s); "
-                 "if authorised, it will be cancelled", ev.cp_id, ev.session_id)
+        self._show(m.StaleNews(ev))
         return True
 
     def _on_status_update(self, up: protocol.ChargingStatusUpdate) -> None:
@@ -569,7 +517,7 @@ class DriverActor(SupervisedActor):
             return  # redelivered
         live.last_seq, live.plugged, live.last_news = up.seq, True, time.monotonic()
         live.energy_kwh, live.cost_eur, live.power_kw = up.energy_kwh, up.cost_eur, up.power_kw
-        log.info("%s: %.3f kWh · %.2f € · %.1f kW", up.cp_id, up.energy_kwh, up.cost_eur, up.power_kw)
+        self._show(m.ConsumptionNews(up))
 
     def _on_ticket(self, t: protocol.Ticket | protocol.TicketInfo) -> None:
         """Show a ticket once, acknowledge it every time (an ack may have been lost)."""
@@ -578,27 +526,19 @@ class DriverActor(SupervisedActor):
             return
         self._ticket_set.add(t.session_id)
         self._tickets_seen.append(t.session_id)
-        log.info("Ticket for %s at %s: %.3f kWh × %.2f €/kWh = %.2f € (%s)",
-                 t.session_id, t.cp_id, t.energy_kwh, t.price_eur_kwh, t.cost_eur, t.end_reason.replace("_", " "))
+        info = protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
+                                   energy_kwh=t.energy_kwh, cost_eur=t.cost_eur, started_at=t.started_at,
+                                   ended_at=t.ended_at, end_reason=t.end_reason)
+        self._show(m.TicketNews(info))
         if self._live is not None and self._live.session_id == t.session_id:
             self._drop_live()
-        ticket = {
-            "session_id": t.session_id, "cp_id": t.cp_id, "price_eur_kwh": t.price_eur_kwh,
-            "energy_kwh": t.energy_kwh, "cost_eur": t.cost_eur, "started_at": t.started_at,
-            "ended_at": t.ended_at, "end_reason": t.end_reason,
-        }
         pending = self._pending_charge(t.cp_id)
         if pending is not None and pending.session_id == t.session_id and pending.for_service is not None:
             # the charge_response was lost but the supply happened: it is this service's ticket
             self._settle(self._corr_of(pending), "charge")
-            self._waiting_session = t.session_id
-        if self._waiting_session == t.session_id:
-            self._waiting_session = None
-            if self._started:
-                self._service_ended("ticket", session_id=t.session_id, energy_kwh=t.energy_kwh,
-                                    cost_eur=t.cost_eur, ticket=ticket)
-            else:  # a supply from before a restart: the services begin after its ticket
-                self._maybe_start_services()
+            self._to_services(m.ServiceAuthorised(pending.for_service, t.session_id))
+        self._live_changed()
+        self._to_services(m.TicketShown(info))
 
     # --- the live supply ------------------------------------------------------------
     def _adopt(self, session_id: str, cp_id: str) -> _Live:
@@ -621,79 +561,23 @@ class DriverActor(SupervisedActor):
             return
         quiet = time.monotonic() - live.last_news
         if quiet >= self.ticket_notice_interval * 0.99:
-            log.info("still waiting for the ticket of %s", session_id)
+            self._show(m.StillWaitingNews(session_id))
             live.timer = self._later(self.ticket_notice_interval, _StillWaiting(session_id))
         else:
             live.timer = self._later(self.ticket_notice_interval - quiet, _StillWaiting(session_id))
 
-    def _announce(self, session_id: str, event: str, text: str, *args: Any) -> None:
-        """Log a step once, whichever of its two messages comes first."""
-        if (session_id, f"shown:{event}") in self._events_seen:
+    def _announce(self, session_id: str, cp_id: str) -> None:
+        """Show an authorisation once, whichever of its two messages (event, response) comes first."""
+        if (session_id, "shown:authorized") in self._events_seen:
             return
-        self._events_seen.add((session_id, f"shown:{event}"))
-        log.info(text, *args)
+        self._events_seen.add((session_id, "shown:authorized"))
+        self._show(m.AuthorisedNews(cp_id, session_id))
 
     def _corr_of(self, pending: _Pending) -> str:
         return next(c for c, p in self._pending.items() if p is pending)
 
     def _pending_charge(self, cp_id: str) -> _Pending | None:
         return next((p for p in self._pending.values() if p.kind == "charge" and p.cp_id == cp_id), None)
-
-    # --- services file ------------------------------------------------------------
-    def _maybe_start_services(self, hello_failed: bool = False) -> None:
-        """Begin once Central answered the hello (or did not answer in time)."""
-        if self.services is None or self._started:
-            return
-        if self._live is not None and not hello_failed:
-            if self._waiting_session != self._live.session_id:
-                self._waiting_session = self._live.session_id
-                log.info("The services begin after the ticket of %s", self._live.session_id)
-            return
-        self._started = True
-        self._waiting_session = None
-        if not self.services:
-            self._finish_services()
-            return
-        self._request_service()
-
-    def _request_service(self) -> None:
-        cp_id = self.services[self._index]  # type: ignore[index]
-        log.info("Service %d/%d: requesting a supply at %s", self._index + 1, len(self.services or ()), cp_id)
-        self._request(_Pending("charge", cp_id, for_service=self._index),
-                      lambda corr: protocol.ChargeRequest(driver_id=self.driver_id, cp_id=cp_id, correlation_id=corr),
-                      f"charge request for {cp_id}")
-
-    def _service_ended(self, outcome: str, *, session_id: str | None = None, energy_kwh: float = 0.0,
-                       cost_eur: float = 0.0, reason: str | None = None,
-                       ticket: dict[str, Any] | None = None) -> None:
-        assert self.services is not None
-        self._results.append({
-            "cp_id": self.services[self._index], "outcome": outcome, "session_id": session_id,
-            "energy_kwh": energy_kwh, "cost_eur": cost_eur, "reason": reason, "ticket": ticket,
-        })
-        self._index += 1
-        if self._index >= len(self.services):
-            self._finish_services()
-            return
-        log.info("Next service in %g s", self.pause)
-        self._later(self.pause, _NextService(self._index))
-
-    def _finish_services(self) -> None:
-        self._finished = True
-        outcomes = [r["outcome"] for r in self._results]
-        log.info("All %d services done: %d tickets, %d denied, %d unavailable", len(outcomes),
-                 outcomes.count("ticket"), outcomes.count("denied"), outcomes.count("unavailable"))
-        self._send_report()
-        if self.exit_when_done:
-            self._finish("all services done")
-
-    def _send_report(self) -> None:
-        if self._on_report is None or self.services is None:
-            return
-        try:
-            self._on_report(dict(self._status(), services=[dict(r) for r in self._results]))
-        except Exception as exc:  # a full disk must not take the driver down
-            log.warning("Could not save the results: %s", exc)
 
     def _finish(self, reason: str) -> None:
         if self._on_finish is not None:
@@ -703,100 +587,65 @@ class DriverActor(SupervisedActor):
         else:
             self.actor_ref.stop(block=False)
 
-    # --- console ------------------------------------------------------------------
-    def _on_console(self, text: str) -> None:
-        words = text.split()
-        if not words:
+    # --- commands from the console --------------------------------------------------
+    def _on_command(self, command: m.Command) -> None:
+        if isinstance(command, (m.ListCps, m.ChargeAt, m.StopSupply)) and not self._online:
+            self._show(m.CommandNews("deferred", command))
+            self._deferred.append(command)
             return
-        cmd, args = words[0].lower(), words[1:]
-        if cmd in ("list", "charge", "stop") and not self._online:
-            log.info("Not connected to Kafka yet; '%s' will be sent once connected", text)
-            self._deferred.append(text)
-            return
-        match cmd:
-            case "list":
+        live = self._live
+        match command:
+            case m.ListCps():
                 self._request(_Pending("list"), lambda corr: protocol.AvailableCpsRequest(
                     driver_id=self.driver_id, correlation_id=corr), "list request")
-                log.info("Asking Central for the charging points")
-            case "charge" if len(args) == 1:
-                self._console_charge(args[0])
-            case "charge":
-                log.info("Usage: charge CP_ID")
-            case "stop":
-                self._console_stop()
-            case "status":
-                self._show_status()
-            case "help" | "?":
-                log.info(HELP)
-            case "quit" | "exit":
-                if self._live is not None:
-                    log.info("Leaving; your supply at %s goes on — start the app again to see it and its ticket",
-                             self._live.cp_id)
-                else:
-                    log.info("Bye")
+                self._show(m.CommandNews("list_sent", command))
+            case m.ChargeAt(cp_id):
+                self._console_charge(command, cp_id)
+            case m.StopSupply() if live is None:
+                self._show(m.CommandNews("nothing_to_stop", command))
+            case m.StopSupply():
+                assert live is not None
+                self._request(_Pending("stop", live.cp_id, live.session_id),
+                              lambda corr: protocol.StopChargingRequest(
+                                  driver_id=self.driver_id, session_id=live.session_id, correlation_id=corr),
+                              "stop request")
+                self._show(m.CommandNews("stop_sent", command, cp_id=live.cp_id, session_id=live.session_id))
+            case m.ShowStatus():
+                progress = self._progress
+                self._show(m.StatusNews(
+                    self.driver_id, self._online, self._hello_answered,
+                    live.as_dict() if live is not None else None, len(self._tickets_seen),
+                    len(progress.results) if progress is not None else None,
+                    progress.total if progress is not None else None))
+            case m.Quit():
+                self._show(m.CommandNews("leaving", command, cp_id=live.cp_id if live is not None else None))
                 self._finish("quit")
-            case _:
-                log.info("Unknown command %r — type 'help' for the commands", cmd)
 
-    def _console_charge(self, cp_id: str) -> None:
-        if self.services is not None:
-            log.info("This app runs a services file; it requests the supplies itself")
-            return
+    def _console_charge(self, command: m.ChargeAt, cp_id: str) -> None:
         if self._live is not None:
-            log.info("You are already supplying at %s (session %s); type 'stop' first",
-                     self._live.cp_id, self._live.session_id)
+            self._show(m.CommandNews("already_supplying", command, cp_id=self._live.cp_id,
+                                     session_id=self._live.session_id))
             return
         if any(p.kind == "charge" for p in self._pending.values()):
-            log.info("A charge request is already waiting for Central's answer")
+            self._show(m.CommandNews("charge_pending", command))
             return
         try:
-            message = protocol.ChargeRequest(driver_id=self.driver_id, cp_id=cp_id, correlation_id="x")
-            protocol.encode(message)
+            protocol.encode(protocol.ChargeRequest(driver_id=self.driver_id, cp_id=cp_id, correlation_id="x"))
         except protocol.ProtocolError as exc:
-            log.info("Cannot request %r: %s", cp_id, exc)
+            self._show(m.CommandNews("bad_cp", command, cp_id=cp_id, detail=str(exc)))
             return
         self._request(_Pending("charge", cp_id), lambda corr: protocol.ChargeRequest(
             driver_id=self.driver_id, cp_id=cp_id, correlation_id=corr), f"charge request for {cp_id}")
-        log.info("Requested a supply at %s; waiting for Central", cp_id)
+        self._show(m.CommandNews("charge_sent", command, cp_id=cp_id))
 
-    def _console_stop(self) -> None:
-        live = self._live
-        if live is None:
-            log.info("You have no supply to stop")
-            return
-        self._request(_Pending("stop", live.cp_id, live.session_id), lambda corr: protocol.StopChargingRequest(
-            driver_id=self.driver_id, session_id=live.session_id, correlation_id=corr), "stop request")
-        log.info("Asking Central to stop your supply at %s", live.cp_id)
-
-    # --- displays -----------------------------------------------------------------
-    def _show_cps(self, cps: tuple[protocol.CpInfo, ...]) -> None:
-        if not cps:
-            log.info("Central knows no charging points yet")
-            return
-        rows = [("CP", "LOCATION", "PRICE", "STATE")] + [
-            (c.cp_id, c.location, f"{c.price_eur_kwh:.2f} €/kWh", c.state) for c in cps]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        available = sum(1 for c in cps if c.state == "ACTIVE")
-        log.info("%d charging point(s), %d available:\n%s", len(cps), available, "\n".join(lines))
-
+    # --- the asks -------------------------------------------------------------------
     def _status(self) -> dict[str, Any]:
+        progress = self._progress
         return {
             "driver_id": self.driver_id,
-            "services_total": len(self.services) if self.services is not None else 0,
-            "services_done": len(self._results),
-            "done": self._finished,
+            "services_total": progress.total if progress is not None else 0,
+            "services_done": len(progress.results) if progress is not None else 0,
+            "done": progress.finished if progress is not None else False,
             "active_session": self._live.as_dict() if self._live is not None else None,
             "tickets_seen": list(self._tickets_seen),
         }
-
-    def _show_status(self) -> None:
-        link = "connected to Kafka" if self._online else "connecting to Kafka"
-        central = "Central answered" if self._hello_answered else "waiting for Central"
-        live = self._live
-        supply = (f"supply at {live.cp_id} (session {live.session_id}): {live.energy_kwh:.3f} kWh, "
-                  f"{live.cost_eur:.2f} €" if live is not None else "no supply in progress")
-        parts = [f"Driver {self.driver_id}: {link}, {central}", supply, f"{len(self._tickets_seen)} ticket(s) seen"]
-        if self.services is not None:
-            parts.append(f"services {len(self._results)}/{len(self.services)} done")
-        log.info("; ".join(parts))

@@ -34,8 +34,8 @@ from actors.console import ConsoleLine
 from persistence import EngineJournal, JournalEntry, PersistenceError
 from transport import protocol
 from transport.kafka import Publish, Published, PublishFailed
-from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
-from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
+from transport.link import FrameIn, LinkDown, LinkUp, Send
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.engine")
 
@@ -64,6 +64,7 @@ class EngineOptions:
     completion_retry_base: float = 0.5
     completion_retry_max: float = 10.0
     completion_ack_timeout: float = 30.0
+    monitor_grace: float = 2.0  # a supply outlives its Monitor link this long (a restarted Monitor is back sooner)
 
 
 # --- messages ------------------------------------------------------------------
@@ -110,6 +111,13 @@ class _SendCompletion:
 @dataclass(frozen=True, slots=True)
 class _Recover:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _MonitorGone:
+    """The grace period after losing the Monitor link is over (mid-supply)."""
+
+    session_id: str
 
 
 # --- state (not messages) ------------------------------------------------------
@@ -187,7 +195,8 @@ class EngineActor(SupervisedActor):
 
     def teardown(self) -> None:
         # A live supply stays 'supplying' in the journal on purpose: the next
-        # start reports it (engine_recovered), so its energy is never lost.
+        # start reports it (engine_recovered), or resumes it when the supervisor
+        # restarts this actor in the same process; either way no energy is lost.
         if self._supply is not None:
             self._supply.cancel()
             log.warning(
@@ -213,7 +222,8 @@ class EngineActor(SupervisedActor):
                 self._on_link_down(link, peer, reason)
             case ConsoleLine(text):
                 self._on_console(text)
-            case _AutoPlug(sid) | _PlugTimeout(sid) | _Tick(sid) | _SupplyTimeUp(sid) if not self._is_live(sid):
+            case _AutoPlug(sid) | _PlugTimeout(sid) | _Tick(sid) | _SupplyTimeUp(sid) | _MonitorGone(sid) \
+                    if not self._is_live(sid):
                 pass  # a timer of a supply that already ended
             case _AutoPlug(sid):
                 log.info("%s: the vehicle of supply %s is plugged in automatically (unattended mode)", self._me, sid)
@@ -234,6 +244,10 @@ class EngineActor(SupervisedActor):
                 self._on_published(token)
             case PublishFailed(token, reason):
                 self._on_publish_failed(token, reason)
+            case _MonitorGone(sid) if self._monitor is None:
+                log.warning("%s: the Monitor did not come back within %g s — ending supply %s",
+                            self._me, self.options.monitor_grace, sid)
+                self._end("monitor_lost")
             case _SendCompletion(sid, attempt):
                 pending = self._pending.get(sid)
                 if pending is not None and pending.attempt == attempt:
@@ -278,21 +292,19 @@ class EngineActor(SupervisedActor):
             return
         log.warning("%s: lost its Monitor (%s) — accepting no new supply until it is back", self._me, reason)
         if self._supply is not None:
-            log.warning("%s: ending supply %s because the Monitor is gone", self._me, self._supply.session_id)
-            self._end("monitor_lost")
+            # A Monitor restarted by its supervisor (or a blip of the local link) is
+            # back within the grace period and the supply goes on; otherwise it ends.
+            log.warning("%s: supply %s ends in %g s unless the Monitor is back", self._me,
+                        self._supply.session_id, self.options.monitor_grace)
+            self._supply.timers.append(schedule(self.options.monitor_grace, self.actor_ref,
+                                                _MonitorGone(self._supply.session_id)))
 
     def _send(self, link: pykka.ActorRef[Any] | None, message: Any) -> bool:
         return tell(link, Send(message))
 
     def _on_frame(self, link: pykka.ActorRef[Any], msg: Any) -> None:
-        if not self._known(link):
-            # We were restarted while this Monitor stayed connected: it never
-            # said hello to *us*. Ask it to reconnect, so it does.
-            self._links.append(link)
-            if self.cp_id is None and not isinstance(msg, protocol.Hello):
-                log.info("%s: a Monitor link from before a restart — asking it to reconnect and say hello", self._me)
-                tell(link, Close("the Engine restarted; please say hello again"))
-                return
+        # Connections start after this actor (rest_for_one) and say LinkUp first, so
+        # every link is known here; also after a restart of this actor.
         match msg:
             case protocol.HealthCheck(seq):
                 self._send(link, protocol.HealthStatus(seq=seq, ok=not self.ko))
@@ -376,15 +388,17 @@ class EngineActor(SupervisedActor):
         supply = _Supply(msg.session_id, self.cp_id, msg.driver_id, msg.price_eur_kwh)
         self._supply = supply
         answer(True)
-        me = self.actor_ref
-        supply.timers.append(schedule(self.options.plug_timeout, me, _PlugTimeout(msg.session_id)))
-        if self.options.auto_plug:
-            supply.timers.append(schedule(self.options.plug_delay, me, _AutoPlug(msg.session_id)))
-            hint = f"it plugs in by itself in {self.options.plug_delay:g} s"
-        else:
-            hint = "type p when the vehicle is plugged in"
         log.info("%s: supply %s authorised for driver %s at %.2f €/kWh — %s",
-                 self._me, msg.session_id, msg.driver_id, msg.price_eur_kwh, hint)
+                 self._me, msg.session_id, msg.driver_id, msg.price_eur_kwh, self._await_plug(supply))
+
+    def _await_plug(self, supply: _Supply) -> str:
+        """Start the plug-in timers of an authorised supply; returns what happens next, as a hint."""
+        me = self.actor_ref
+        supply.timers.append(schedule(self.options.plug_timeout, me, _PlugTimeout(supply.session_id)))
+        if self.options.auto_plug:
+            supply.timers.append(schedule(self.options.plug_delay, me, _AutoPlug(supply.session_id)))
+            return f"it plugs in by itself in {self.options.plug_delay:g} s"
+        return "type p when the vehicle is plugged in"
 
     def _on_stop_supply(self, link: pykka.ActorRef[Any], session_id: str, reason: str) -> None:
         end_reason = reason if reason in protocol.END_REASONS else "central_stop"
@@ -433,15 +447,19 @@ class EngineActor(SupervisedActor):
             log.info("%s: the vehicle of supply %s is already plugged in", self._me, supply.session_id)
             return
         supply.cancel()  # the plug-in timers
+        self._run(supply)
+        self._send(self._monitor, protocol.SupplyStarted(
+            cp_id=supply.cp_id, session_id=supply.session_id, driver_id=supply.driver_id))
+        log.info("%s: supplying %s for driver %s at %g kW", self._me, supply.session_id, supply.driver_id,
+                 self.options.power_kw)
+
+    def _run(self, supply: _Supply) -> None:
+        """The vehicle is plugged in: meter every tick (and unplug after supply_seconds, unattended)."""
         supply.plugged = True
         me = self.actor_ref
         supply.ticker = Ticker(self.options.tick, me, _Tick(supply.session_id), name=f"engine-tick-{supply.session_id}")
         if self.options.supply_seconds is not None:
             supply.timers.append(schedule(self.options.supply_seconds, me, _SupplyTimeUp(supply.session_id)))
-        self._send(self._monitor, protocol.SupplyStarted(
-            cp_id=supply.cp_id, session_id=supply.session_id, driver_id=supply.driver_id))
-        log.info("%s: supplying %s for driver %s at %g kW", self._me, supply.session_id, supply.driver_id,
-                 self.options.power_kw)
 
     def _tick(self) -> None:
         supply = self._supply
@@ -537,7 +555,13 @@ class EngineActor(SupervisedActor):
         """Finish what a previous run left open, and resend what Kafka never acknowledged."""
         assert self._journal is not None
         recovered: set[str] = set()
-        for entry in self._journal.unfinished():
+        unfinished = self._journal.unfinished()
+        if unfinished and self.supervision is not None and self.supervision.generation > 1:
+            # Restarted by our supervisor inside a running process: the vehicle is
+            # still plugged in, so the newest supply goes on from its journaled figures.
+            self._resume(max(unfinished, key=lambda e: e.started_at))
+            unfinished = [e for e in unfinished if self._supply is None or e.session_id != self._supply.session_id]
+        for entry in unfinished:
             self._journal.finish(entry.session_id, "engine_recovered", ended_at=time.time())
             recovered.add(entry.session_id)
             log.warning(
@@ -549,6 +573,21 @@ class EngineActor(SupervisedActor):
                 log.warning("Supply %s at %s ended before a restart but Kafka never confirmed it — sending it again",
                             entry.session_id, entry.cp_id)
             self._queue_completion(entry)
+
+    def _resume(self, entry: JournalEntry) -> None:
+        supply = _Supply(entry.session_id, entry.cp_id, entry.driver_id, entry.price_eur_kwh, seq=entry.last_seq,
+                         energy_kwh=entry.energy_kwh, cost_eur=entry.cost_eur)
+        self._supply = supply
+        self.cp_id = self.cp_id or entry.cp_id
+        if entry.last_seq > 0:
+            self._run(supply)
+            what = f"metering from {entry.energy_kwh:.3f} kWh"
+        else:
+            what = self._await_plug(supply)
+        log.warning("%s restarted with supply %s for driver %s open — %s", self._me, entry.session_id,
+                    entry.driver_id, what)
+        # Until a Monitor says hello, the grace period runs as after losing one.
+        supply.timers.append(schedule(self.options.monitor_grace, self.actor_ref, _MonitorGone(entry.session_id)))
 
     def _shutdown_supply(self, drained: threading.Event) -> str | None:
         ended = None

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.messages import Bill, BillOrphan, Checkpoint, MarkSupplying, Ready
+from actors.messages import Bill, BillOrphan, Checkpoint, LoadSession, MarkSupplying, Ready
 from persistence import Repository, TicketRecord, UnknownSession
-from transport.runtime import SupervisedActor, Supervision, Ticker
+from actors.runtime import SupervisedActor, Supervision, Ticker
 
 log = logging.getLogger("evcharging.central.ledger")
 
@@ -72,6 +72,9 @@ class LedgerActor(SupervisedActor):
                               completion.session_id, completion.cp_id)
                     self.repo.audit("central", completion.cp_id, "unknown_completion", completion.session_id)
                     return None
+            case LoadSession(sid):
+                self._flush()  # the newest checkpoint first
+                return self.repo.get_session(sid)
             case Ready():
                 return True
         return None

@@ -46,6 +46,13 @@ class BillOrphan:
     completion: protocol.ChargeCompletion
 
 
+@dataclass(frozen=True, slots=True)
+class LoadSession:
+    """Ask the ledger: the session's current row (a restarted session actor re-learns its figures)."""
+
+    session_id: str
+
+
 # --- router → session ---------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Telemetry:
@@ -105,6 +112,11 @@ class SessionBilled:
 @dataclass(frozen=True, slots=True)
 class SessionStats:
     """Ask a session actor: its figures (for tests and the panel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStats:
+    """Ask the session router: its counters (``data``, ``completions``, ``orphans``, ``unrouted_data``, ``bad``)."""
 
 
 @dataclass(frozen=True, slots=True)

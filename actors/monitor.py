@@ -26,9 +26,10 @@ from typing import Any
 
 import pykka
 
+from actors.cp_state import CpState, derive_state
 from transport import protocol
-from transport.link import FrameIn, LinkDown, LinkStats, LinkUp, Send
-from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
+from transport.link import FrameIn, LinkDown, LinkUp, Send
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 
 log = logging.getLogger("evcharging.monitor")
 
@@ -85,24 +86,6 @@ class _StopUnconfirmed:
     registration: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Adopt:
-    """A link found connected after a restart of the Monitor actor."""
-
-    side: str
-    link: pykka.ActorRef[Any]
-
-
-def _probe(monitor: pykka.ActorRef[Any], side: str, link: pykka.ActorRef[Any]) -> None:
-    """Helper thread: tell ``monitor`` to adopt ``link`` if it is connected."""
-    try:
-        connected = bool(link.ask(LinkStats(), timeout=2.0).get("connected"))
-    except (pykka.Timeout, pykka.ActorDeadError):
-        return
-    if connected:
-        tell(monitor, _Adopt(side, link))
-
-
 class MonitorActor(SupervisedActor):
     """See the module docstring."""
 
@@ -139,7 +122,7 @@ class MonitorActor(SupervisedActor):
         self._stop_confirmed = False
         self._timers: list[threading.Timer] = []
         self._tickers: list[Ticker] = []
-        self._state = "DISCONNECTED"
+        self._state = CpState.DISCONNECTED
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
@@ -150,15 +133,6 @@ class MonitorActor(SupervisedActor):
             Ticker(self.options.health_interval / 4, me, _HealthTick(), name=f"monitor-health-{self.cp_id}"),
             Ticker(self.options.heartbeat_interval, me, _HeartbeatTick(), name=f"monitor-heartbeat-{self.cp_id}"),
         ]
-        if self.supervision is not None and self.supervision.generation > 1:
-            # Restarted alone: links that are still up will not say LinkUp
-            # again. Ask each (from a helper thread: never block the mailbox)
-            # and take over the connected ones.
-            for side in (ENGINE, CENTRAL):
-                link = self.directory.get(self.link_names[side])
-                if link is not None:
-                    threading.Thread(target=_probe, args=(me, side, link), daemon=True,
-                                     name=f"monitor-probe-{side}").start()
 
     def teardown(self) -> None:
         for ticker in self._tickers:
@@ -175,15 +149,12 @@ class MonitorActor(SupervisedActor):
         match message:
             case FrameIn(link, msg):
                 side = self._side_of(link)
-                if side is not None and self._links[side] is None:
-                    # We were restarted while the link stayed up: take it over.
-                    self._attach(side, link, "a link that outlived a restart of the Monitor")
                 if side == ENGINE:
                     self._from_engine(link, msg)
                 elif side == CENTRAL:
                     self._from_central(link, msg)
-            case LinkUp(link, peer):
-                self._on_link_up(link, peer)
+            case LinkUp(link, peer, name):
+                self._on_link_up(link, peer, name)
             case LinkDown(link, peer, reason):
                 self._on_link_down(link, peer, reason)
             case _HealthTick():
@@ -200,8 +171,6 @@ class MonitorActor(SupervisedActor):
                 central = self._links[CENTRAL]
                 if central is not None:
                     self._register(central)
-            case _Adopt(side, link) if self._links[side] is None:
-                self._attach(side, link, "a link that outlived a restart of the Monitor")
             case _StopUnconfirmed(n) if n == self._registrations and self.registered and self.stopped:
                 if not self._stop_confirmed:
                     log.info("%s: Central did not repeat its stop order after re-registering — back in service",
@@ -217,27 +186,24 @@ class MonitorActor(SupervisedActor):
 
     # --- links -------------------------------------------------------------------
     def _side_of(self, link: pykka.ActorRef[Any]) -> str | None:
+        """Which of our current links ``link`` is; None for an old link's late message."""
         for side in (ENGINE, CENTRAL):
             current = self._links[side]
             if current is not None and current.actor_urn == link.actor_urn:
                 return side
-        for side in (ENGINE, CENTRAL):
-            named = self.directory.get(self.link_names[side])
-            if named is not None and named.actor_urn == link.actor_urn:
-                return side
         return None
 
-    def _on_link_up(self, link: pykka.ActorRef[Any], peer: str) -> None:
-        side = self._side_of(link)
-        if side is None:  # registered in the directory an instant after it connected
-            side = ENGINE if peer.upper().startswith("ENGINE") else CENTRAL if peer.upper().startswith("CENTRAL") else None
+    def _on_link_up(self, link: pykka.ActorRef[Any], peer: str, name: str) -> None:
+        """A link connected. The links start after this actor (rest_for_one), so every
+        link of ours, also after a restart of either side, introduces itself here."""
+        side = next((s for s, n in self.link_names.items() if n == name), None)
         if side is None:
             log.warning("%s: a link to %s came up that is neither the Engine nor Central", self.cp_id, peer)
             return
         self._attach(side, link, peer)
 
     def _attach(self, side: str, link: pykka.ActorRef[Any], peer: str) -> None:
-        """A link (new, or found after our own restart) is up: greet the Engine or register."""
+        """A link is up: greet the Engine or register with Central."""
         self._links[side] = link
         if side == ENGINE:
             log.info("%s: connected to its Engine (%s)", self.cp_id, peer)
@@ -453,16 +419,10 @@ class MonitorActor(SupervisedActor):
             log.warning("%s: the Engine is not connected; %s not relayed", self.cp_id, msg.TYPE)
 
     # --- state --------------------------------------------------------------------------------
-    def _compute_state(self) -> str:
-        if not self.registered or self.engine_ok is None:  # not ready to say anything yet
-            return "DISCONNECTED"
-        if not self.engine_ok:
-            return "BROKEN"
-        if self.stopped:
-            return "STOPPED"
-        if self.supplying is not None:
-            return "SUPPLYING"
-        return "ACTIVE"
+    def _compute_state(self) -> CpState:
+        # Connected, for the Monitor, means registered with Central.
+        return derive_state(connected=self.registered, engine_ok=self.engine_ok,
+                            supplying=self.supplying is not None, stopped=self.stopped)
 
     def _update_state(self) -> None:
         state = self._compute_state()

@@ -32,7 +32,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from transport.runtime import SupervisedActor, Supervision
+from actors.runtime import SupervisedActor, Supervision
 
 STYLE = {
     "ACTIVE": ("white on green4", "ACTIVE"),
@@ -70,6 +70,16 @@ class PanelSnapshot:
     requests: tuple[RequestRow, ...]
     messages: tuple[str, ...]
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PanelText:
+    """Ask: the last snapshot rendered as plain text ("" before the first one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LastSnapshot:
+    """Ask: the last :class:`PanelSnapshot` received, or None."""
 
 
 def _tile(t: CpTile) -> Panel:
@@ -164,9 +174,9 @@ class PanelActor(SupervisedActor):
                 elif self.mode == "text" and time.monotonic() - self._last_text >= self.text_interval:
                     self._last_text = time.monotonic()
                     print(render_text(message), file=self.stream, flush=True)
-            case "text":
+            case PanelText():
                 return render_text(self.last) if self.last else ""
-            case "snapshot":
+            case LastSnapshot():
                 return self.last
         return None
 

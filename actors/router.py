@@ -20,11 +20,11 @@ from typing import Any
 
 import pykka
 
-from actors.messages import BillOrphan, ProgressBatch, Ready, SessionBilled, SessionProgress, Telemetry
+from actors.messages import BillOrphan, ProgressBatch, Ready, RouterStats, SessionBilled, SessionProgress, Telemetry
 from actors.session import ticket_message
 from transport import protocol
 from transport.kafka import Delivery, Publish
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.central.router")
 
@@ -44,7 +44,7 @@ class SessionRouter(SupervisedActor):
             case Delivery(items):
                 self._route(items)
                 return True
-            case "stats":
+            case RouterStats():
                 return dict(self.stats)
         return None
 

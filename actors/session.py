@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from actors.messages import Bill, Checkpoint, SessionBilled, SessionStats, SupplyFinished, Telemetry
-from persistence import SessionRecord, TicketRecord
+from actors.messages import Bill, Checkpoint, LoadSession, SessionBilled, SessionStats, SupplyFinished, Telemetry
+from persistence import LIVE_STATUSES, SessionRecord, TicketRecord
 from transport import protocol
 from transport.kafka import Publish
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.central.session")
 
@@ -45,12 +45,30 @@ class SessionActor(SupervisedActor):
         self.duplicates = 0
         self.billed: TicketRecord | None = None
 
+    def setup(self) -> None:
+        """After a crash (a transient child, restarted by the sessions supervisor), re-learn
+        the figures the ledger has; a session that ended meanwhile has nothing left to do."""
+        if self.supervision is None or self.supervision.generation == 1:
+            return
+        ledger = self.directory.get("ledger")
+        try:
+            record = ledger.ask(LoadSession(self.record.session_id), timeout=10) if ledger else None
+        except Exception as exc:  # the ledger is restarting: keep the figures we were started with
+            log.warning("Session %s restarted without its stored figures: %s", self.record.session_id, exc)
+            return
+        if record is None or record.status not in LIVE_STATUSES:
+            log.info("Session %s is over (%s); its restarted actor stops", self.record.session_id,
+                     record.status if record else "not found")
+            self.actor_ref.stop(block=False)
+            return
+        self.record = record
+        self.last_seq, self.energy_kwh, self.cost_eur = record.last_seq, record.energy_kwh, record.cost_eur
+        log.info("Session %s restarted at seq %d (%.3f kWh)", record.session_id, record.last_seq, record.energy_kwh)
+
     def on_receive(self, message: Any) -> Any:
         match message:
             case Telemetry(_, records):
                 self._meter(records)
-            case protocol.ChargingData():
-                self._meter((message,))
             case protocol.ChargeCompletion():
                 return self._complete(message)
             case SessionStats():

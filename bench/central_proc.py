@@ -28,10 +28,26 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from bench.common import LOOPBACK, pct, quiet_logging, thread_names
 from bench.simcp import sent_at
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeWindow:
+    """Ask the probe: the figures of the window since the last :class:`ProbeMark`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeLag:
+    """Ask the probe: the median telemetry-to-panel lag over the last 2 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeMark:
+    """Ask the probe: start a new window."""
 
 
 def make_probe(t0: float) -> type:
@@ -79,13 +95,13 @@ def make_probe(t0: float) -> type:
                             self.lag_times.append(now)
                             self.recent.append((now, lag))
                     self.recent = [(t, l) for t, l in self.recent if now - t <= 2.0]
-            elif message == "bench-window":
+            elif isinstance(message, ProbeWindow):
                 with self.lock:
                     return self.window()
-            elif message == "bench-lag":  # median lag over the last 2 s (the parent waits for it to settle)
+            elif isinstance(message, ProbeLag):  # median lag over the last 2 s (the parent waits for it to settle)
                 with self.lock:
                     return pct([l for t, l in self.recent if time.time() - t <= 2.0], 50)
-            elif message == "bench-mark":
+            elif isinstance(message, ProbeMark):
                 with self.lock:
                     self.reset()
                 return True
@@ -114,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", required=True)
     p.add_argument("--topic-prefix", default="")
     p.add_argument("--group-id", default="evcharging-central")
-    p.add_argument("--life-timeout", type=float, default=2.5)
+    p.add_argument("--life-timeout", type=float, default=None, help="default: EV_Central's")
     p.add_argument("--t0", type=float, default=0.0, help="the simulated meters' zero (epoch seconds)")
     p.add_argument("--log-file", default=None)
     p.add_argument("--deadline", type=float, default=900.0, help="exit after this many seconds whatever happens")
@@ -124,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import supervisors.central_system as central_system
     from supervisors.central_system import CentralSystemConfig, start_central
+    from transport.listener import ListenerPort
 
     quiet_logging(Path(args.log_file) if args.log_file else None)
     central_system.PanelActor = make_probe(args.t0)  # the one instrumented actor
     config = CentralSystemConfig(port=0, broker=args.broker, db_path=args.db, host=LOOPBACK,
-                                 topic_prefix=args.topic_prefix, life_timeout=args.life_timeout, panel="off",
-                                 console=False, group_id=args.group_id)
+                                 topic_prefix=args.topic_prefix, panel="off", console=False, group_id=args.group_id,
+                                 **({} if args.life_timeout is None else {"life_timeout": args.life_timeout}))
     system = start_central(config)
-    port = system.ask("monitor-listener", "port")
+    port = system.ask("monitor-listener", ListenerPort())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"ready {port}", flush=True)
@@ -143,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             if cmd == "quit":
                 break
             if cmd == "lag":
-                print(f"lag {system.ask('panel', 'bench-lag', timeout=10)}", flush=True)
+                print(f"lag {system.ask('panel', ProbeLag(), timeout=10)}", flush=True)
             elif cmd == "mark":
-                system.ask("panel", "bench-mark", timeout=10)
+                system.ask("panel", ProbeMark(), timeout=10)
                 print("marked", flush=True)
             elif cmd.startswith("dump "):
-                data = system.ask("panel", "bench-window", timeout=10)
+                data = system.ask("panel", ProbeWindow(), timeout=10)
                 data["thread_names"] = thread_names()
                 with open(cmd.split(" ", 1)[1], "w", encoding="utf-8") as f:
                     json.dump(data, f)

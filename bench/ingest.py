@@ -113,7 +113,7 @@ def proc_cpu_seconds_self() -> float:
 
 def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], records: int,
                    timeout: float) -> dict[str, Any]:
-    from actors.messages import SessionStats
+    from actors.messages import RouterStats, SessionStats
     from supervisors.central_system import CentralSystemConfig, start_central
     from transport.kafka import GetPublisherStats
 
@@ -126,7 +126,7 @@ def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], re
 
         def routed() -> int:
             try:
-                return int(system.ask("router", "stats", timeout=5)["data"])
+                return int(system.ask("router", RouterStats(), timeout=5)["data"])
             except Exception:
                 return 0
 
@@ -158,7 +158,7 @@ def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], re
         if not (all_routed and done):
             raise RuntimeError(f"Central did not finish {records} records within {timeout:g} s")
         applied = {sid: system.ask(f"session:{sid}", SessionStats(), timeout=10)["last_seq"] for _, sid, _ in live}
-        stats = system.ask("router", "stats", timeout=10)
+        stats = system.ask("router", RouterStats(), timeout=10)
         pub = system.ask("publisher", GetPublisherStats(), timeout=10)
         # durable as designed: checkpoints flushed by the ledger (batched, once a second) ...
         durable = wait_until(lambda: checkpoints(db) == final_seq, 10, 0.05)

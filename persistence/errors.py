@@ -71,11 +71,6 @@ class Conflict(PersistenceError):
         self.kind = kind
         self.existing = existing
 
-    @property
-    def existing_session_id(self) -> str | None:
-        """Id of the session that already holds the slot, if known."""
-        return self.existing.session_id if self.existing is not None else None
-
 
 class UnknownSession(PersistenceError, LookupError):
     """No session (or journal entry) with this id exists."""

@@ -53,11 +53,6 @@ class SessionRecord:
     cost_eur: float
     end_reason: str | None
 
-    @property
-    def is_live(self) -> bool:
-        """True while the session holds its driver's and CP's live slot."""
-        return self.status in LIVE_STATUSES
-
 
 @dataclass(frozen=True, slots=True)
 class TicketRecord:

@@ -258,25 +258,15 @@ class Repository(SqliteStore):
                 return True
             return session.status == "supplying"
 
-    def checkpoint(self, session_id: str, last_seq: int, energy_kwh: float, cost_eur: float) -> bool:
-        """Store the running totals of a live session, only moving forward.
+    def checkpoint_many(self, checkpoints: Iterable[Checkpoint]) -> int:
+        """Store the running totals of live sessions, in one transaction (one
+        commit for many telemetry records), only moving forward.
 
         A ``last_seq`` not greater than the stored one (a replayed or
         reordered telemetry record) is ignored, as is any checkpoint of an
-        ended session (its final figures must not be overwritten). Returns
-        True if applied. Raises UnknownSession for an id that does not exist.
-        """
-        with transaction(self._conn):
-            applied = self._checkpoint(session_id, last_seq, energy_kwh, cost_eur)
-            if not applied:
-                self._require_session(session_id)
-        return applied
-
-    def checkpoint_many(self, checkpoints: Iterable[Checkpoint]) -> int:
-        """Apply a batch of checkpoints in one transaction (one commit for
-        many telemetry records). Same forward-only rule as :meth:`checkpoint`;
-        unknown session ids are skipped so one stale id cannot sink the
-        batch. Returns how many were applied."""
+        ended session (its final figures must not be overwritten); unknown
+        session ids are skipped so one stale id cannot sink the batch.
+        Returns how many were applied."""
         applied = 0
         with transaction(self._conn):
             for session_id, last_seq, energy_kwh, cost_eur in checkpoints:
@@ -442,29 +432,14 @@ class Repository(SqliteStore):
 
     # --------------------------------------------------------- message dedupe
 
-    def is_processed(self, message_id: str) -> bool:
-        """True if a message with this id already had its effect committed."""
-        return self._one("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)) is not None
-
-    def mark_processed(self, message_id: str, topic: str | None) -> bool:
-        """Record that a message's effect is committed. True if newly recorded."""
-        with transaction(self._conn):
-            return self._mark_processed(message_id, topic, self._clock())
-
     def _mark_processed(self, message_id: str, topic: str | None, at: float) -> bool:
+        """Inside :meth:`complete_session`'s transaction: note the completion's message id."""
         cursor = self._conn.execute(
             "INSERT INTO processed_messages (message_id, topic, processed_at) VALUES (?, ?, ?) "
             "ON CONFLICT (message_id) DO NOTHING",
             (message_id, topic, at),
         )
         return cursor.rowcount == 1
-
-    def prune_processed(self, before: float) -> int:
-        """Forget message ids processed before ``before`` (older than any
-        replay Kafka could still deliver). Returns how many were removed."""
-        with transaction(self._conn):
-            cursor = self._conn.execute("DELETE FROM processed_messages WHERE processed_at < ?", (before,))
-        return cursor.rowcount
 
     # -------------------------------------------------------------------- audit
 

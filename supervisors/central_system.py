@@ -1,23 +1,29 @@
 """Central's actor system: wiring, the embedding API and the EV_Central command.
 
-Supervision tree (one_for_one)::
+Supervision tree::
 
-    central (top)
+    central (one_for_one)      services reached by name; nobody keeps state derived from them
     ├─ ledger            LedgerActor: sessions + tickets, the money (SQLite)
     ├─ publisher         Publisher: driver_responses
-    ├─ sessions          Supervisor of SessionActor "session:<id>" (temporary)
-    ├─ monitor-conns     Supervisor of ServerConnection, one per Monitor (temporary)
-    ├─ central           CentralActor: registry, states, authorisation, admin
     ├─ panel             PanelActor: renders snapshots
-    ├─ router            SessionRouter: Engine records → session actors
-    ├─ requests-pump     ConsumerPump driver_requests → central
-    ├─ sessions-pump     ConsumerPump charging_session_data + _complete → router
-    ├─ monitor-listener  Listener: Monitor sockets → monitor-conns
-    └─ console           ConsoleReader: typed commands → central
+    ├─ console           ConsoleReader: typed commands → central (by name)
+    ├─ core (rest_for_one)     each child depends on those before it
+    │  ├─ sessions          Supervisor (one_for_one) of SessionActor "session:<id>" (transient)
+    │  ├─ central           CentralActor: registry, states, authorisation, admin
+    │  ├─ requests-pump     ConsumerPump driver_requests → central
+    │  ├─ router            SessionRouter: Engine records → session actors
+    │  ├─ sessions-pump     ConsumerPump charging_session_data + _complete → router
+    │  └─ monitor-conns     Supervisor of ServerConnection, one per Monitor (temporary)
+    └─ monitor-listener  Listener: Monitor sockets → monitor-conns (keeps the port open)
 
-Order matters: the ledger and central (which reloads live sessions and
-recreates their actors) start before the pumps, so a replayed record always
-finds its owner.
+Why this order: Central re-adopts the live sessions from the database when
+it starts (sessions that still run keep their actor). When it restarts,
+everything after it restarts too: the Monitor connections close, the
+Monitors reconnect at once and register with the new Central (which
+re-learns its CPs from them); the pumps re-read what was not committed and
+the router waits until the new Central has reloaded its sessions. When the
+sessions supervisor gives up, Central restarts after it and recreates the
+session actors from the database.
 """
 
 from __future__ import annotations
@@ -36,34 +42,54 @@ from actors.router import SessionRouter
 from persistence import Repository
 from supervisors import options as opt
 from supervisors.logs import setup_logging
+from supervisors.settings import add_process_flags, from_args, inherit, internal, pick, setting
+from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec, Supervisor, spawner_by_name
 from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
 from transport.listener import Listener
-from transport.runtime import Directory
+from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.central")
 
 
 @dataclass(frozen=True, slots=True)
 class CentralSystemConfig:
-    """Everything EV_Central needs; each field is a flag."""
+    """Everything EV_Central needs; each field but ``console`` (``--no-console``) is a flag.
 
-    port: int
-    broker: str
-    db_path: str = "central.db"
-    host: str = "0.0.0.0"
-    topic_prefix: str = ""
-    enroll: str = "open"
-    default_price: float = 0.30
-    life_timeout: float = 2.5
-    authorize_timeout: float = 5.0
-    request_max_age: float = 10.0
-    panel: str = "off"
-    console: bool = False
-    group_id: str = "evcharging-central"
-    max_monitors: int = 5000
+    The Central actor's policies and timings take their defaults from
+    :class:`~actors.central.CentralConfig` (see :mod:`supervisors.settings`).
+    """
+
+    port: int = setting(help="TCP port the Monitors connect to", positional=True, env="EV_CENTRAL_PORT")
+    broker: str = setting(help="Kafka bootstrap HOST:PORT", positional=True, parse=opt.bootstrap)
+    db_path: str = setting("central.db", flag="--db", help="SQLite database file")
+    host: str = setting("0.0.0.0", help="address to listen on for Monitors")
+    topic_prefix: str = setting("", help="prefix of every Kafka topic (isolation)")
+    enroll: str = inherit(CentralConfig, "enroll", choices=("open", "closed"), help="unknown CPs: enrol or deny")
+    default_price: float = inherit(CentralConfig, "default_price", help="€/kWh of a newly enrolled CP")
+    default_location: str = inherit(CentralConfig, "default_location",
+                                    help="location of a newly enrolled CP whose Monitor sends none")
+    life_timeout: float = inherit(CentralConfig, "life_timeout", help="seconds without a life message → DISCONNECTED")
+    life_check_interval: float = inherit(CentralConfig, "life_check_interval",
+                                         help="seconds between two checks for silent CPs")
+    authorize_timeout: float = inherit(CentralConfig, "authorize_timeout",
+                                       help="seconds to wait for a CP's authorisation")
+    request_max_age: float = inherit(CentralConfig, "request_max_age",
+                                     help="charge requests older than this (sent while Central was down) are denied")
+    panel: str = setting("off", cli_default="rich", choices=("rich", "text", "off"),
+                         help="live terminal panel; 'off' gives plain log lines (embedded: off)")
+    panel_interval: float = inherit(CentralConfig, "panel_interval", help="seconds between two panel snapshots")
+    console: bool = internal(False)
+    group_id: str = setting("evcharging-central",
+                            help="Kafka consumer group of Central (the topic prefix is prepended)")
+    max_monitors: int = setting(5000, help="Monitor connections accepted at once")
+
+    @property
+    def central_config(self) -> CentralConfig:
+        """The Central actor's options: the fields of :class:`CentralConfig`, taken from this config."""
+        return pick(CentralConfig, self)
 
 
 def seed_cps(db_path: str, path: str) -> int:
@@ -92,59 +118,76 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     except BrokerUnavailable as exc:
         log.warning("%s — Central starts anyway and keeps retrying", exc)
     directory = Directory()
-    central_cfg = CentralConfig(db_path=config.db_path, enroll=config.enroll, default_price=config.default_price,
-                                life_timeout=config.life_timeout, authorize_timeout=config.authorize_timeout,
-                                request_max_age=config.request_max_age)
-    children = [
-        ChildSpec("ledger", LedgerActor, (config.db_path,)),
-        ChildSpec("publisher", Publisher, (settings,), {"component": "central"}),
-        ChildSpec("sessions", Supervisor, ("sessions",), {"directory": directory, "max_restarts": 1000}),
-        ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory, "max_restarts": 1000}),
-        ChildSpec("central", CentralActor, (central_cfg, directory, spawner_by_name(directory, "sessions"))),
-        ChildSpec("panel", PanelActor, (config.panel,)),
-        ChildSpec("router", SessionRouter, (directory,)),
+    central_cfg = config.central_config
+    core = [
+        ChildSpec("sessions", Supervisor, ("sessions",), {"directory": directory}),
+        ChildSpec("central", CentralActor, (central_cfg, directory, spawner_by_name(directory, "sessions", restart="transient"))),
         ChildSpec("requests-pump", ConsumerPump, (settings, ("driver_requests",), "central", directory),
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
+        ChildSpec("router", SessionRouter, (directory,)),
         ChildSpec("sessions-pump", ConsumerPump,
                   (settings, ("charging_session_data", "charging_session_complete"), "router", directory),
                   {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
                    "max_records": SESSIONS_POLL_RECORDS}),
-        ChildSpec("monitor-listener", Listener,
-                  (config.host, config.port, "central", directory, spawner_by_name(directory, "monitor-conns")),
-                  {"max_connections": config.max_monitors, "component": "central-listener"}),
+        # Connections are temporary children: a connection actor owns one accepted socket,
+        # which is gone when it crashes; the Monitor reconnects and gets a fresh actor.
+        # Last, so it is the first stopped when Central restarts: no reconnecting Monitor
+        # can land in the old one (the listener waits until the new one is up).
+        ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
+    ]
+    children = [
+        ChildSpec("ledger", LedgerActor, (config.db_path,)),
+        ChildSpec("publisher", Publisher, (settings,), {"component": "central"}),
+        ChildSpec("panel", PanelActor, (config.panel,)),
     ]
     if config.console:
         children.append(ChildSpec("console", ConsoleReader, ("central", directory)))
+    children.append(ChildSpec("core", Supervisor, ("core", core),
+                              {"directory": directory, "strategy": "rest_for_one", "max_restarts": 10, "period": 30}))
+    # The listener comes after the connections' supervisor (it spawns into it, waiting
+    # while that restarts) and outside "core": a restart of Central must not close the
+    # listening socket, or reconnecting Monitors would find the port closed.
+    children.append(ChildSpec("monitor-listener", Listener,
+                              (config.host, config.port, "central", directory,
+                               spawner_by_name(directory, "monitor-conns")),
+                              {"max_connections": config.max_monitors, "component": "central-listener"}))
     return start_system("central", children, directory, max_restarts=10, period=30)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="EV_Central",
-        description="Central of the EV charging network: CP registry, authorisation, billing, live panel.")
-    opt.positional_or_env(p, "port", "EV_CENTRAL_PORT", "TCP port the Monitors connect to", type=int)
-    opt.positional_or_env(p, "broker", "EV_BROKER", "Kafka bootstrap HOST:PORT")
-    opt.add(p, "--db", default="central.db", help="SQLite database file")
-    opt.add(p, "--host", default="0.0.0.0", help="address to listen on for Monitors")
-    opt.add(p, "--topic-prefix", default="", help="prefix of every Kafka topic (isolation)")
-    opt.add(p, "--enroll", default="open", choices=("open", "closed"), help="unknown CPs: enrol or deny")
-    opt.add(p, "--default-price", default=0.30, type=float, help="€/kWh of a newly enrolled CP")
+    """EV_Central's parser: one argument per field of :class:`CentralSystemConfig`, then --seed and the process's."""
+    p = parser_for(CentralSystemConfig, "EV_Central",
+                   "Central of the EV charging network: CP registry, authorisation, billing, live panel.")
     opt.add(p, "--seed", default=None, help="CSV file of id,location,price to load at start")
-    opt.add(p, "--life-timeout", default=2.5, type=float, help="seconds without a life message → DISCONNECTED")
-    opt.add(p, "--authorize-timeout", default=5.0, type=float, help="seconds to wait for a CP's authorisation")
-    opt.add(p, "--request-max-age", default=10.0, type=float,
-            help="charge requests older than this (sent while Central was down) are denied")
-    opt.add(p, "--panel", default="rich", choices=("rich", "text", "off"),
-            help="live terminal panel; 'off' gives plain log lines")
-    opt.add(p, "--group-id", default="evcharging-central", help="Kafka consumer group of Central (the topic prefix is prepended)")
-    opt.add(p, "--log-file", default=None, help="file for detailed logs")
-    opt.add(p, "--log-level", default="INFO", help="terminal log level")
-    opt.add(p, "--no-console", action="store_true", default=False, help="do not read commands from stdin")
+    add_process_flags(p)
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> CentralSystemConfig:
+    return from_args(CentralSystemConfig, args, console=not args.no_console)
+
+
+def check_config(config: CentralSystemConfig) -> str | None:
+    """A sentence saying what is wrong with ``config``, or None."""
+    if not 0 <= config.port < 65536:
+        return "the port must be between 0 and 65535"
+    for name in ("life_timeout", "life_check_interval", "authorize_timeout", "request_max_age", "panel_interval"):
+        if getattr(config, name) <= 0:
+            return f"--{name.replace('_', '-')} must be greater than 0"
+    if config.default_price < 0:
+        return "--default-price must not be negative"
+    if config.max_monitors < 1:
+        return "--max-monitors must be at least 1"
+    return None
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    problem = check_config(config)
+    if problem:
+        parser.error(problem)  # on the terminal even when the panel will own it; exits with 2
     panel_on = args.panel == "rich"
     setup_logging("central", "", log_file=args.log_file, level=args.log_level, console=not panel_on)
     if args.seed:
@@ -153,11 +196,6 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, IndexError) as exc:
             log.error("Cannot load the CP seed file %s: %s", args.seed, exc)
             return 2
-    config = CentralSystemConfig(
-        port=args.port, broker=args.broker, db_path=args.db, host=args.host, topic_prefix=args.topic_prefix,
-        enroll=args.enroll, default_price=args.default_price, life_timeout=args.life_timeout,
-        authorize_timeout=args.authorize_timeout, request_max_age=args.request_max_age, panel=args.panel, console=not args.no_console,
-        group_id=args.group_id)
     return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central", lambda s: _ready_line(s, config),
                             log)
 

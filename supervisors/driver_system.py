@@ -1,13 +1,22 @@
 """EV_Driver: the driver app as one supervised actor system.
 
-Children of the "driver" supervisor, started in this order:
+Children of the "driver" supervisor (``rest_for_one``), started in this
+order — an owner before what feeds it, so that when an owner restarts, what
+depends on it restarts after it and introduces itself to the new owner:
 
 * ``publisher`` — the only Kafka producer (``driver_requests``);
+* ``driver``    — :class:`~actors.driver.DriverActor`, request correlation:
+  pending requests, timeouts, the hello, the live supply, tickets seen;
+* ``services``  — :class:`~actors.driver_services.ServicesRunner`, the
+  services file and its results (only with --services); its progress is kept
+  in a store created here, so a restarted runner goes on where it was;
+* ``output``    — :class:`~actors.driver_console.DriverConsole`, every
+  sentence shown to the person, and typed lines parsed into commands;
 * ``pump``      — a :class:`~transport.kafka.ConsumerPump` on this driver's
   partition of ``driver_responses`` (``partition_key=driver_id``), asking
   ``driver`` to handle each poll;
-* ``driver``    — :class:`~actors.driver.DriverActor`, the domain state;
-* ``console``   — a :class:`~actors.console.ConsoleReader` (unless --no-console).
+* ``console``   — a :class:`~actors.console.ConsoleReader` telling ``output``
+  each typed line (unless --no-console).
 
 The driver sends nothing before its pump is positioned: the pump starts at
 the end of the partition, so an answer published before that would be lost.
@@ -30,38 +39,75 @@ from typing import Any, TextIO
 
 from actors.console import ConsoleReader
 from actors.driver import DriverActor
+from actors.driver_console import DriverConsole
+from actors.driver_services import ServicesProgressStore, ServicesRunner
 from supervisors import options
 from supervisors.logs import setup_logging
+from supervisors.settings import add_process_flags, from_args, inherit, internal, setting
+from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
 from transport import protocol
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
-from transport.runtime import Directory
+from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.driver")
 
 
+# --- argument types -----------------------------------------------------------------
+def _driver_id(text: str) -> str:
+    complaint = protocol.IdRule().complaint(text)
+    if complaint:
+        raise argparse.ArgumentTypeError(f"driver id {complaint}")
+    return text
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DriverConfig:
-    """Everything one driver app needs; each field is a flag of EV_Driver."""
+    """Everything one driver app needs; each field but ``console`` (``--no-console``) and
+    ``console_stream`` is an argument of EV_Driver.
 
-    broker: str
-    driver_id: str
-    services_file: str | None = None  # None: interactive mode
-    pause: float = 4.0
-    request_timeout: float = 10.0
-    topic_prefix: str = ""
-    console: bool = True
-    console_stream: TextIO | None = None  # None: stdin
-    exit_when_done: bool = False
-    results_json: str | None = None  # file mode: write the results here (when done, and on stop)
-    hello_retry_max: float = 15.0
-    ticket_notice_interval: float = 30.0
-    ready_timeout: float = 20.0  # how long start_driver waits for the pump (it keeps trying after)
+    The actors' timings take their defaults from the actors' constructors (see :mod:`supervisors.settings`).
+    """
+
+    broker: str = setting(help="Kafka bootstrap server HOST:PORT", positional=True, parse=options.bootstrap)
+    driver_id: str = setting(help="this driver's id", positional=True, parse=_driver_id)
+    services_file: str | None = setting(None, flag="--services",  # None: interactive mode
+                                        help="file with one CP id per line (blank lines and # comments skipped)")
+    pause: float = inherit(ServicesRunner, "pause", parse=_non_negative, help="seconds between two services")
+    request_timeout: float = inherit(DriverActor, "request_timeout", parse=_positive,
+                                     help="seconds to wait for Central's answer before saying it is unavailable")
+    topic_prefix: str = setting("", help="prefix of every Kafka topic (isolation)")
+    console: bool = internal(True)
+    console_stream: TextIO | None = internal(None)  # None: stdin
+    exit_when_done: bool = setting(False, help="stop when every service of --services is done")
+    results_json: str | None = setting(None, help="with --services: write the per-service results to this JSON "
+                                                  "file (when done, and on stop)")
+    hello_retry_max: float = inherit(DriverActor, "hello_backoff_max", parse=_positive,
+                                     help="longest wait between two hellos while Central does not answer")
+    ticket_notice_interval: float = inherit(DriverActor, "ticket_notice_interval", parse=_positive,
+                                            help="say 'still waiting for the ticket' after this many quiet seconds")
+    ready_timeout: float = setting(20.0, parse=_positive,
+                                   help="seconds to wait for Kafka at start before saying it is unreachable "
+                                        "(the driver keeps trying after)")
     # An idle pump polls the broker this often: 10 ms (the transport default) costs ~10 % of a CPU
     # per driver; 100 ms costs ~2 % and adds ~20 ms to an answer, nothing a person notices.
-    fetch_max_wait_ms: int = 100
+    fetch_max_wait_ms: int = setting(100, help="longest wait (ms) of one poll of the driver's answers")
 
 
 def read_services(path: str | Path) -> tuple[str, ...]:
@@ -91,23 +137,32 @@ def start_driver(config: DriverConfig) -> RunningSystem:
         log.warning("%s — will keep trying", exc)
     directory = Directory()
     driver_kwargs: dict[str, Any] = {
-        "services": services, "pause": config.pause, "request_timeout": config.request_timeout,
-        "hello_backoff_max": config.hello_retry_max, "ticket_notice_interval": config.ticket_notice_interval,
-        "exit_when_done": config.exit_when_done,
-        "report": _results_writer(Path(config.results_json)) if config.results_json else None,
+        "request_timeout": config.request_timeout, "hello_backoff_max": config.hello_retry_max,
+        "ticket_notice_interval": config.ticket_notice_interval,
     }
-    # Started in this order and stopped in reverse: the driver stops before its
-    # links (so it never mistakes the shutdown for a broken link) and the
-    # publisher last (so the ticket acks the driver queued are flushed).
+    # Started in this order (see the module docstring), stopped in reverse: the
+    # pump stops before the driver (which never mistakes the shutdown for a
+    # broken link: a missing pump is just waited for), the services runner
+    # writes its report as it stops, and the publisher stops last (so the
+    # ticket acks the driver queued are flushed).
     children = [
         ChildSpec("publisher", Publisher, (settings,), {"component": "publisher"}),
-        ChildSpec("pump", ConsumerPump, (settings, ("driver_responses",), "driver", directory),
-                  {"partition_key": config.driver_id, "component": "pump"}),
         ChildSpec("driver", DriverActor, (config.driver_id, directory), driver_kwargs),
     ]
+    if services is not None:
+        children.append(ChildSpec("services", ServicesRunner, (config.driver_id, directory, services), {
+            "pause": config.pause, "progress": ServicesProgressStore(), "exit_when_done": config.exit_when_done,
+            "report": _results_writer(Path(config.results_json)) if config.results_json else None,
+        }))
+    children += [
+        ChildSpec("output", DriverConsole, (config.driver_id, directory),
+                  {"services_total": len(services) if services is not None else None}),
+        ChildSpec("pump", ConsumerPump, (settings, ("driver_responses",), "driver", directory),
+                  {"partition_key": config.driver_id, "component": "pump"}),
+    ]
     if config.console:
-        children.append(ChildSpec("console", ConsoleReader, ("driver", directory), {"stream": config.console_stream}))
-    system = start_system("driver", children, directory=directory)
+        children.append(ChildSpec("console", ConsoleReader, ("output", directory), {"stream": config.console_stream}))
+    system = start_system("driver", children, directory=directory, strategy="rest_for_one")
     if not system.wait_ready(config.ready_timeout):
         log.warning("Cannot reach Kafka at %s yet — the driver keeps trying", config.broker)
     return system
@@ -126,58 +181,24 @@ def _results_writer(path: Path) -> Any:
 
 
 # --- the command line -------------------------------------------------------------
-def _bootstrap(text: str) -> str:
-    """HOST:PORT (or a comma-separated list of them), checked."""
-    for part in text.split(","):
-        options.host_port(part.strip())
-    return text
-
-
-def _driver_id(text: str) -> str:
-    complaint = protocol.IdRule().complaint(text)
-    if complaint:
-        raise argparse.ArgumentTypeError(f"driver id {complaint}")
-    return text
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="EV_Driver",
-        description="The driver app: list charging points, charge, stop, see live consumption and tickets. "
-                    "Interactive by default; --services FILE runs one supply per CP id in FILE.",
-    )
-    options.positional_or_env(p, "broker", "EV_BROKER", "Kafka bootstrap server HOST:PORT", type=_bootstrap)
-    options.positional_or_env(p, "driver_id", "EV_DRIVER_ID", "this driver's id", type=_driver_id)
-    options.add(p, "--services", help="file with one CP id per line (blank lines and # comments skipped)")
-    options.add(p, "--pause", default=4.0, type=_non_negative, help="seconds between two services")
-    options.add(p, "--request-timeout", default=10.0, type=_positive,
-                help="seconds to wait for Central's answer before saying it is unavailable")
-    options.add(p, "--hello-retry-max", default=15.0, type=_positive,
-                help="longest wait between two hellos while Central does not answer")
-    options.add(p, "--ticket-notice-interval", default=30.0, type=_positive,
-                help="say 'still waiting for the ticket' after this many quiet seconds")
-    options.add(p, "--results-json", help="with --services: write the per-service results to this JSON file")
-    options.add(p, "--topic-prefix", default="", help="prefix of every Kafka topic (isolation)")
-    options.add(p, "--log-file", help="also write everything (with details) to this file")
-    options.add(p, "--log-level", default="INFO", help="terminal log level (DEBUG, INFO, WARNING)")
-    options.add(p, "--no-console", default=False, action="store_true", help="do not read commands from stdin")
-    options.add(p, "--exit-when-done", default=False, action="store_true",
-                help="stop when every service of --services is done")
+    """EV_Driver's parser: one argument per field of :class:`DriverConfig`, then the process's."""
+    p = parser_for(DriverConfig, "EV_Driver",
+                   "The driver app: list charging points, charge, stop, see live consumption and tickets. "
+                   "Interactive by default; --services FILE runs one supply per CP id in FILE.")
+    add_process_flags(p)
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> DriverConfig:
+    return from_args(DriverConfig, args, console=not args.no_console)
+
+
+def check_config(config: DriverConfig) -> str | None:
+    """A sentence saying what is wrong with ``config``, or None (the argument types check the rest)."""
+    if config.fetch_max_wait_ms < 1:
+        return "--fetch-max-wait-ms must be at least 1"
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -187,12 +208,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help, or a bad flag (argparse printed why)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     setup_logging("driver", args.driver_id, log_file=args.log_file, level=args.log_level)
-    config = DriverConfig(
-        broker=args.broker, driver_id=args.driver_id, services_file=args.services, pause=args.pause,
-        request_timeout=args.request_timeout, topic_prefix=args.topic_prefix, console=not args.no_console,
-        exit_when_done=args.exit_when_done, results_json=args.results_json, hello_retry_max=args.hello_retry_max,
-        ticket_notice_interval=args.ticket_notice_interval,
-    )
+    config = config_from_args(args)
+    problem = check_config(config)
+    if problem:
+        log.error("Cannot start the driver: %s", problem)
+        return 2
     stop = threading.Event()
     restore = _install_signal_handlers(stop)
     system: RunningSystem | None = None

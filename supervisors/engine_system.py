@@ -24,12 +24,14 @@ from actors.console import ConsoleReader
 from actors.engine import EngineActor, EngineOptions, ShutdownSupply
 from supervisors import options as opts
 from supervisors.logs import setup_logging
-from supervisors.supervisor import ChildSpec, Supervisor, spawner
+from supervisors.settings import add_process_flags, from_args, inherit, internal, pick, setting
+from supervisors.settings import build_parser as parser_for
+from supervisors.supervisor import ChildSpec, Supervisor, spawner_by_name
 from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import KafkaSettings
 from transport.kafka import Publisher
-from transport.listener import Listener
-from transport.runtime import Directory
+from transport.listener import Listener, ListenerPort
+from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.engine")
 
@@ -38,24 +40,44 @@ __all__ = ["EngineConfig", "start_engine", "stop_engine", "engine_port", "run_un
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Everything one Engine needs; each field is a flag of EV_CP_E."""
+    """Everything one Engine needs; each field but ``console`` (``--no-console``), ``console_stream``
+    and ``name`` is an argument of EV_CP_E.
 
-    broker: str = "127.0.0.1:9092"
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 7001
-    journal: str | None = None  # default: run/engine-<listen_port>.journal
-    power_kw: float = 7.4
-    tick: float = 1.0
-    auto_plug: bool = False
-    plug_delay: float = 1.0
-    plug_timeout: float = 60.0
-    supply_seconds: float | None = None
-    topic_prefix: str = ""
-    cp_id: str | None = None  # optional: the id this Engine expects its Monitor to confirm
-    console: bool = True
-    console_stream: TextIO | None = None  # None: stdin
-    max_connections: int = 4
-    name: str = "EV_CP_E"
+    The Engine actor's physics and timings take their defaults from
+    :class:`~actors.engine.EngineOptions` (see :mod:`supervisors.settings`).
+    """
+
+    broker: str = setting("127.0.0.1:9092", help="Kafka bootstrap server HOST:PORT", positional=True,
+                          parse=opts.bootstrap)
+    listen_host: str = setting("0.0.0.0", help="HOST:PORT where the Monitor connects", flag="--listen",
+                               address="listen")
+    listen_port: int = setting(7001, address="listen")
+    journal: str | None = setting(None, help="the supply journal file (default run/engine-<port>.journal)")
+    power_kw: float = inherit(EngineOptions, "power_kw", help="charging power in kW")
+    tick: float = inherit(EngineOptions, "tick", help="seconds between telemetry records")
+    auto_plug: bool = inherit(EngineOptions, "auto_plug", help="plug the vehicle in by itself (unattended mode)")
+    plug_delay: float = inherit(EngineOptions, "plug_delay", help="seconds before the automatic plug-in")
+    plug_timeout: float = inherit(EngineOptions, "plug_timeout",
+                                  help="seconds to wait for a plug-in before ending the supply with 0 kWh")
+    supply_seconds: float | None = inherit(EngineOptions, "supply_seconds",
+                                           help="unplug by itself after this many seconds of supply (unattended mode)")
+    completion_retry_base: float = inherit(EngineOptions, "completion_retry_base",
+                                           help="first wait (s) before sending an unconfirmed completion again")
+    completion_retry_max: float = inherit(EngineOptions, "completion_retry_max",
+                                          help="longest wait (s) between two sends of an unconfirmed completion")
+    completion_ack_timeout: float = inherit(EngineOptions, "completion_ack_timeout",
+                                            help="seconds to wait for Kafka to confirm a completion the Publisher "
+                                                 "holds before sending it again")
+    monitor_grace: float = inherit(EngineOptions, "monitor_grace",
+                                   help="seconds a supply outlives its Monitor's link (a restarted Monitor is back "
+                                        "sooner)")
+    topic_prefix: str = setting("", help="prefix of every Kafka topic name (isolation)")
+    cp_id: str | None = inherit(EngineOptions, "expected_cp_id",
+                                help="the CP id this Engine expects (optional; also its log tag)")
+    console: bool = internal(True)
+    console_stream: TextIO | None = internal(None)  # None: stdin
+    max_connections: int = setting(4, help="Monitor connections accepted at once")
+    name: str = internal("EV_CP_E")
 
     @property
     def journal_path(self) -> str:
@@ -67,48 +89,40 @@ class EngineConfig:
 
     @property
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(
-            power_kw=self.power_kw, tick=self.tick, auto_plug=self.auto_plug, plug_delay=self.plug_delay,
-            plug_timeout=self.plug_timeout, supply_seconds=self.supply_seconds, expected_cp_id=self.cp_id,
-        )
-
-
-def _lazy_spawner(directory: Directory, name: str) -> Callable[..., Any]:
-    """A spawn function that finds the connection supervisor at spawn time,
-    so it keeps working after that supervisor was restarted."""
-
-    def spawn(*args: Any) -> Any:
-        ref = directory.get(name)
-        if ref is None:
-            raise LookupError(f"the {name} supervisor is not running")
-        return spawner(ref)(*args)
-
-    return spawn
+        """The Engine actor's options: the fields of :class:`EngineOptions`, taken from this config."""
+        return pick(EngineOptions, self, expected_cp_id=self.cp_id)
 
 
 def start_engine(config: EngineConfig = EngineConfig()) -> RunningSystem:
     """Start an Engine and return once its children run (the listener is bound)."""
     Path(config.journal_path).parent.mkdir(parents=True, exist_ok=True)
     directory = Directory()
-    children = [
+    # core is rest_for_one, owners first: the engine needs the publisher's acks for
+    # its completions, and the Monitor connections feed the engine; when the engine
+    # restarts they restart after it and the Monitor says hello to the new one.
+    # The console and the listener only reach the others by name and restart alone;
+    # the listener stays out of core so an engine restart keeps the port open.
+    core = [
         ChildSpec("publisher", Publisher, (config.kafka,), {"component": "engine-publisher"}),
         ChildSpec("engine", EngineActor, (config.journal_path, directory),
                   {"options": config.engine_options, "publisher": "publisher"}),
         ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
+    ]
+    children = [ChildSpec("console", ConsoleReader, ("engine", directory), {"stream": config.console_stream})
+                ] if config.console else []
+    children += [
+        ChildSpec("core", Supervisor, ("core", core), {"directory": directory, "strategy": "rest_for_one"}),
         ChildSpec("monitor-listener", Listener,
                   (config.listen_host, config.listen_port, "engine", directory,
-                   _lazy_spawner(directory, "monitor-conns")),
+                   spawner_by_name(directory, "monitor-conns")),
                   {"max_connections": config.max_connections, "component": "monitor-listener"}),
     ]
-    if config.console:
-        children.append(ChildSpec("console", ConsoleReader, ("engine", directory),
-                                  {"stream": config.console_stream}))
     return start_system(config.name, children, directory=directory)
 
 
 def engine_port(system: RunningSystem, timeout: float = 5.0) -> int:
     """The port the Engine listens on (useful with listen_port=0)."""
-    return int(system.ask("monitor-listener", "port", timeout=timeout))
+    return int(system.ask("monitor-listener", ListenerPort(), timeout=timeout))
 
 
 def stop_engine(system: RunningSystem, grace: float = 5.0) -> None:
@@ -126,48 +140,25 @@ def stop_engine(system: RunningSystem, grace: float = 5.0) -> None:
 
 # --- the command ------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="EV_CP_E", description="A charging point's Engine (the charger).")
-    opts.positional_or_env(p, "broker", "EV_BROKER", "Kafka bootstrap server HOST:PORT", type=opts.host_port)
-    opts.add(p, "--listen", default="0.0.0.0:7001", type=opts.host_port,
-             help="HOST:PORT where the Monitor connects")
-    opts.add(p, "--journal", help="the supply journal file (default run/engine-<port>.journal)")
-    opts.add(p, "--power-kw", default=7.4, type=float, help="charging power in kW")
-    opts.add(p, "--tick", default=1.0, type=float, help="seconds between telemetry records")
-    opts.add(p, "--auto-plug", action="store_true", default=False,
-             help="plug the vehicle in by itself (unattended mode)")
-    opts.add(p, "--plug-delay", default=1.0, type=float, help="seconds before the automatic plug-in")
-    opts.add(p, "--plug-timeout", default=60.0, type=float,
-             help="seconds to wait for a plug-in before ending the supply with 0 kWh")
-    opts.add(p, "--supply-seconds", default=None, type=float,
-             help="unplug by itself after this many seconds of supply (unattended mode)")
-    opts.add(p, "--topic-prefix", default="", help="prefix of every Kafka topic name (isolation)")
-    opts.add(p, "--cp-id", default=None, help="the CP id this Engine expects (optional; also its log tag)")
-    opts.add(p, "--max-connections", default=4, type=int, help="Monitor connections accepted at once")
-    opts.add(p, "--log-file", help="also write a detailed log here")
-    opts.add(p, "--log-level", default="INFO", help="terminal log level")
-    opts.add(p, "--no-console", action="store_true", default=False, help="do not read commands from stdin")
+    """EV_CP_E's parser: one argument per field of :class:`EngineConfig`, then the process's."""
+    p = parser_for(EngineConfig, "EV_CP_E", "A charging point's Engine (the charger).")
+    add_process_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    broker_host, broker_port = args.broker
-    listen_host, listen_port = args.listen
-    return EngineConfig(
-        broker=f"{broker_host}:{broker_port}", listen_host=listen_host, listen_port=listen_port,
-        journal=args.journal, power_kw=args.power_kw, tick=args.tick, auto_plug=args.auto_plug,
-        plug_delay=args.plug_delay, plug_timeout=args.plug_timeout, supply_seconds=args.supply_seconds,
-        topic_prefix=args.topic_prefix, cp_id=args.cp_id, console=not args.no_console,
-        max_connections=args.max_connections,
-    )
+    return from_args(EngineConfig, args, console=not args.no_console)
 
 
 def check_config(config: EngineConfig) -> str | None:
     """A sentence saying what is wrong with ``config``, or None."""
-    for name in ("power_kw", "tick", "plug_timeout"):
+    for name in ("power_kw", "tick", "plug_timeout", "completion_retry_base", "completion_retry_max",
+                 "completion_ack_timeout"):
         if getattr(config, name) <= 0:
             return f"--{name.replace('_', '-')} must be greater than 0"
-    if config.plug_delay < 0:
-        return "--plug-delay must not be negative"
+    for name in ("plug_delay", "monitor_grace"):
+        if getattr(config, name) < 0:
+            return f"--{name.replace('_', '-')} must not be negative"
     if config.supply_seconds is not None and config.supply_seconds <= 0:
         return "--supply-seconds must be greater than 0"
     if config.max_connections < 1:

@@ -19,14 +19,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from persistence import Repository
 from supervisors.central_system import READY as CENTRAL_READY
+from supervisors.central_system import CentralSystemConfig
+from supervisors.driver_system import DriverConfig
+from supervisors.engine_system import EngineConfig
 from supervisors import options as opt
 from supervisors.logs import setup_logging
+from supervisors.settings import add_arguments, from_args, inherit, internal, setting
 from transport.broker import BrokerUnavailable, KafkaSettings, LocalBroker, ensure_topics, free_port, wait_for_port
 
 log = logging.getLogger("evcharging.launcher")
@@ -50,33 +54,48 @@ def cp_catalogue(n: int) -> list[tuple[str, str, float]]:
 
 @dataclass
 class NetworkSpec:
-    """What ``evcharging up`` starts; every field is a flag."""
+    """What ``evcharging up`` starts; each field is a flag but the extra arguments and the fault-injection knobs.
 
-    run_dir: Path
-    cps: int = 3
-    drivers: int = 2
-    services: int = 10
-    broker: str | None = None
-    host: str = "127.0.0.1"
-    topic_prefix: str = ""
-    supply_seconds: float = 5.0
-    plug_delay: float = 1.0
-    pause: float = 4.0
-    power_kw: float = 22.0
-    tick: float = 1.0
-    panel: str = "rich"
-    life_timeout: float = 2.5
-    ready_timeout: float = 30.0  # how long start() waits for Central's consumers before starting drivers
-    extra_central: list[str] = field(default_factory=list)
-    extra_engine: list[str] = field(default_factory=list)
-    extra_monitor: list[str] = field(default_factory=list)
-    extra_driver: list[str] = field(default_factory=list)
+    The timings it passes on to the programs take their defaults from the programs' configs.
+    """
+
+    run_dir: Path | None = setting(None, help="where logs, databases and journals go (default run/<time>)")
+    cps: int = setting(3, help="number of charging points")
+    drivers: int = setting(2, help="number of drivers")
+    services: int = setting(10, help="services (CP requests) per driver")
+    broker: str | None = setting(None, parse=opt.bootstrap,
+                                 help="use this Kafka HOST:PORT instead of starting a local broker")
+    host: str = setting("127.0.0.1", help="address every component listens on")
+    topic_prefix: str = setting("", help="prefix of every Kafka topic")
+    supply_seconds: float = setting(5.0, help="how long each unattended supply lasts")
+    plug_delay: float = inherit(EngineConfig, "plug_delay", help="seconds before a CP plugs the vehicle in by itself")
+    pause: float = inherit(DriverConfig, "pause", help="seconds a driver waits between services")
+    power_kw: float = setting(22.0, help="charging power of every CP")
+    tick: float = inherit(EngineConfig, "tick", help="seconds between two telemetry records of a CP")
+    panel: str = setting("auto", choices=("auto", "rich", "text", "off"),
+                         help="Central's panel in this terminal (auto: rich on a terminal, off otherwise)")
+    life_timeout: float = inherit(CentralSystemConfig, "life_timeout",
+                                  help="Central: seconds without a life message → DISCONNECTED")
+    ready_timeout: float = setting(30.0, help="seconds to wait for Central's Kafka consumers before starting the "
+                                              "drivers")
+    extra_central: list[str] = internal(default_factory=list)
+    extra_engine: list[str] = internal(default_factory=list)
+    extra_monitor: list[str] = internal(default_factory=list)
+    extra_driver: list[str] = internal(default_factory=list)
     # Fault-injection knobs (tests/faults.py puts TCP proxies in these places):
-    broker_port: int = 0  # port of the local broker (0: a free one)
-    broker_advertised_port: int | None = None  # the port the local broker advertises (a proxy in front of it)
-    monitor_central: dict[str, str] = field(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Central
-    monitor_engine: dict[str, str] = field(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for its Engine
-    component_broker: dict[str, str] = field(default_factory=dict)  # "engine:MAD1", "central", ... -> bootstrap
+    broker_port: int = internal(0)  # port of the local broker (0: a free one)
+    broker_advertised_port: int | None = internal(None)  # the port the local broker advertises (a proxy in front)
+    monitor_central: dict[str, str] = internal(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Central
+    monitor_engine: dict[str, str] = internal(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Engine
+    component_broker: dict[str, str] = internal(default_factory=dict)  # "engine:MAD1", "central", ... -> bootstrap
+
+    def resolve(self) -> "NetworkSpec":
+        """Fill in what depends on the moment (run_dir: run/<time>; panel auto: rich on a terminal); returns self."""
+        if self.run_dir is None:
+            self.run_dir = Path("run") / time.strftime("%Y%m%d-%H%M%S")
+        if self.panel == "auto":
+            self.panel = "rich" if sys.stdout.isatty() else "off"
+        return self
 
 
 def python_cmd(program: str, *args: str) -> list[str]:
@@ -98,7 +117,8 @@ class Network:
     """A network of OS processes (see the module docstring)."""
 
     def __init__(self, spec: NetworkSpec) -> None:
-        self.spec = spec
+        self.spec = spec.resolve()
+        assert spec.run_dir is not None
         self.run_dir = spec.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.broker: LocalBroker | None = None
@@ -160,7 +180,7 @@ class Network:
     # --- components --------------------------------------------------------------
     def _common(self, name: str) -> list[str]:
         args = ["--log-file", str(self.run_dir / f"{name.replace(':', '-')}.detail.log")]
-        if self.spec.topic_prefix:
+        if self.spec.topic_prefix and not name.startswith("monitor:"):  # the Monitor has no Kafka
             args += ["--topic-prefix", self.spec.topic_prefix]
         return args
 
@@ -334,18 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evcharging", description="Run a whole EV charging network on this machine.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start broker, Central, CPs and drivers as separate processes")
-    opt.add(up, "--broker", default=None, help="use this Kafka HOST:PORT instead of starting a local broker")
-    opt.add(up, "--cps", default=3, type=int, help="number of charging points")
-    opt.add(up, "--drivers", default=2, type=int, help="number of drivers")
-    opt.add(up, "--services", default=10, type=int, help="services (CP requests) per driver")
-    opt.add(up, "--supply-seconds", default=5.0, type=float, help="how long each unattended supply lasts")
-    opt.add(up, "--pause", default=4.0, type=float, help="seconds a driver waits between services")
-    opt.add(up, "--power-kw", default=22.0, type=float, help="charging power of every CP")
-    opt.add(up, "--host", default="127.0.0.1", help="address every component listens on")
-    opt.add(up, "--topic-prefix", default="", help="prefix of every Kafka topic")
-    opt.add(up, "--run-dir", default=None, help="where logs, databases and journals go (default run/<time>)")
-    opt.add(up, "--panel", default="auto", choices=("auto", "rich", "text", "off"),
-            help="Central's panel in this terminal (auto: rich on a terminal, off otherwise)")
+    add_arguments(up, NetworkSpec)
     opt.add(up, "--until-idle", action="store_true", default=False,
             help="exit when every driver finished its services")
     opt.add(up, "--summary-json", default=None, help="write the run's summary here (with --until-idle)")
@@ -354,18 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    run_dir = Path(args.run_dir or Path("run") / time.strftime("%Y%m%d-%H%M%S"))
-    panel = args.panel if args.panel != "auto" else ("rich" if sys.stdout.isatty() else "off")
+    spec = from_args(NetworkSpec, args).resolve()
+    assert spec.run_dir is not None
+    run_dir, panel = spec.run_dir, spec.panel
     setup_logging("evcharging", "", log_file=run_dir / "launcher.log")
-    spec = NetworkSpec(run_dir=run_dir, cps=args.cps, drivers=args.drivers, services=args.services,
-                       broker=args.broker, host=args.host, topic_prefix=args.topic_prefix,
-                       supply_seconds=args.supply_seconds, pause=args.pause, power_kw=args.power_kw, panel=panel)
     net = Network(spec)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        log.info("Starting a network of %d CPs and %d drivers; logs in %s", args.cps, args.drivers, run_dir)
+        log.info("Starting a network of %d CPs and %d drivers; logs in %s", spec.cps, spec.drivers, run_dir)
         net.start()
         if panel != "rich":
             log.info("Central listens on %s:%d, Kafka at %s", spec.host, net.central_port, net.bootstrap)

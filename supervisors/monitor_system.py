@@ -6,7 +6,10 @@ Children of the top supervisor, in start order:
 * ``engine-link``  — :class:`~transport.client_link.ClientLink` to the Engine;
 * ``central-link`` — :class:`~transport.client_link.ClientLink` to Central.
 
-The links reconnect by themselves; the Monitor outlives them.
+Strategy rest_for_one: a link that crashes restarts alone (and reconnects);
+when the Monitor restarts, both links restart after it, so the new Monitor
+learns them from their ``LinkUp`` (the Engine keeps a running supply for
+its ``--monitor-grace``, longer than that takes).
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import sys
 from dataclasses import dataclass
 
 from actors.monitor import MonitorActor, MonitorOptions
-from supervisors import options as opts
 from supervisors.system import run_until_signal
 from supervisors.logs import setup_logging
+from supervisors.settings import add_process_flags, from_args, inherit, internal, pick, setting
+from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
 from transport.client_link import ClientLink
 from transport.link import LinkOptions
-from transport.runtime import Directory
+from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.monitor")
 
@@ -33,34 +37,44 @@ __all__ = ["MonitorConfig", "start_monitor", "main"]
 
 @dataclass(frozen=True, slots=True)
 class MonitorConfig:
-    """Everything one Monitor needs; each field is a flag of EV_CP_M."""
+    """Everything one Monitor needs; each field but ``name`` is an argument of EV_CP_M.
 
-    engine_host: str = "127.0.0.1"
-    engine_port: int = 7001
-    central_host: str = "127.0.0.1"
-    central_port: int = 6001
-    cp_id: str = "CP1"
-    location: str | None = None
-    heartbeat_interval: float = 1.0
-    health_interval: float = 1.0
-    health_timeout: float = 1.5
-    register_retry: float = 5.0
-    register_timeout: float = 5.0
-    stop_confirm: float = 2.0
-    connect_timeout: float = 2.0
-    retry_base: float = 0.5
-    retry_max: float = 2.0
-    ack_timeout: float = 2.0
-    name: str = "EV_CP_M"
+    The Monitor actor's timings take their defaults from
+    :class:`~actors.monitor.MonitorOptions`, the links' from
+    :class:`~transport.client_link.ClientLink` (see :mod:`supervisors.settings`).
+    """
+
+    engine_host: str = setting("127.0.0.1", help="the Engine's HOST:PORT", positional=True, address="engine")
+    engine_port: int = setting(7001, address="engine")
+    central_host: str = setting("127.0.0.1", help="Central's HOST:PORT", positional=True, address="central")
+    central_port: int = setting(6001, address="central")
+    cp_id: str = setting("CP1", help="this charging point's id", positional=True)
+    location: str | None = inherit(MonitorOptions, "location",
+                                   help="where the CP is (sent when Central does not know it yet)")
+    heartbeat_interval: float = inherit(MonitorOptions, "heartbeat_interval",
+                                        help="seconds between life messages to Central")
+    health_interval: float = inherit(MonitorOptions, "health_interval",
+                                     help="seconds between health checks of the Engine")
+    health_timeout: float = inherit(MonitorOptions, "health_timeout",
+                                    help="seconds without an answer before the Engine counts as KO")
+    register_retry: float = inherit(MonitorOptions, "register_retry",
+                                    help="seconds before registering again after a refusal")
+    register_timeout: float = inherit(MonitorOptions, "register_timeout",
+                                      help="seconds to wait for Central's answer to a registration")
+    stop_confirm: float = inherit(MonitorOptions, "stop_confirm",
+                                  help="after re-registering while stopped: seconds to wait for Central to "
+                                       "repeat its stop order before resuming")
+    connect_timeout: float = inherit(ClientLink, "connect_timeout",
+                                     help="seconds one connection attempt (to the Engine or Central) may take")
+    retry_base: float = inherit(ClientLink, "retry_base", help="first wait (s) before reconnecting a lost link")
+    retry_max: float = inherit(ClientLink, "retry_max", help="longest wait (s) between two reconnection attempts")
+    ack_timeout: float = inherit(LinkOptions, "ack_timeout", help="seconds to wait for the peer's ACK of a frame")
+    name: str = internal("EV_CP_M")
 
     @property
     def monitor_options(self) -> MonitorOptions:
-        return MonitorOptions(
-            location=self.location, heartbeat_interval=self.heartbeat_interval,
-            health_interval=self.health_interval, health_timeout=self.health_timeout,
-            register_retry=self.register_retry, register_timeout=self.register_timeout,
-            stop_confirm=self.stop_confirm,
-        )
+        """The Monitor actor's options: the fields of :class:`MonitorOptions`, taken from this config."""
+        return pick(MonitorOptions, self)
 
 
 def start_monitor(config: MonitorConfig = MonitorConfig()) -> RunningSystem:
@@ -77,43 +91,29 @@ def start_monitor(config: MonitorConfig = MonitorConfig()) -> RunningSystem:
         ChildSpec("central-link", ClientLink, (config.central_host, config.central_port, "monitor", directory),
                   {"peer_name": "CENTRAL", "component": "central-link", **link_kwargs}),
     ]
-    return start_system(config.name, children, directory=directory)
+    # rest_for_one: the links feed the Monitor; when it restarts they reconnect after
+    # it and introduce themselves (LinkUp), so it greets the Engine and registers again.
+    return start_system(config.name, children, directory=directory, strategy="rest_for_one")
 
 
 # --- the command ------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="EV_CP_M", description="A charging point's Monitor.")
-    opts.positional_or_env(p, "engine", "EV_ENGINE", "the Engine's HOST:PORT", type=opts.host_port)
-    opts.positional_or_env(p, "central", "EV_CENTRAL", "Central's HOST:PORT", type=opts.host_port)
-    opts.positional_or_env(p, "cp_id", "EV_CP_ID", "this charging point's id")
-    opts.add(p, "--location", default=None, help="where the CP is (sent when Central does not know it yet)")
-    opts.add(p, "--heartbeat-interval", default=1.0, type=float, help="seconds between life messages to Central")
-    opts.add(p, "--health-interval", default=1.0, type=float, help="seconds between health checks of the Engine")
-    opts.add(p, "--health-timeout", default=1.5, type=float,
-             help="seconds without an answer before the Engine counts as KO")
-    opts.add(p, "--register-retry", default=5.0, type=float, help="seconds before registering again after a refusal")
-    opts.add(p, "--topic-prefix", default="",
-             help="accepted so every program takes the launcher's common flags; unused (the Monitor has no Kafka)")
-    opts.add(p, "--log-file", help="also write a detailed log here")
-    opts.add(p, "--log-level", default="INFO", help="terminal log level")
+    """EV_CP_M's parser: one argument per field of :class:`MonitorConfig`, then the process's."""
+    p = parser_for(MonitorConfig, "EV_CP_M", "A charging point's Monitor.")
+    add_process_flags(p, console=False)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> MonitorConfig:
-    (engine_host, engine_port), (central_host, central_port) = args.engine, args.central
-    return MonitorConfig(
-        engine_host=engine_host, engine_port=engine_port, central_host=central_host, central_port=central_port,
-        cp_id=args.cp_id, location=args.location, heartbeat_interval=args.heartbeat_interval,
-        health_interval=args.health_interval, health_timeout=args.health_timeout,
-        register_retry=args.register_retry,
-    )
+    return from_args(MonitorConfig, args)
 
 
 def check_config(config: MonitorConfig) -> str | None:
     """A sentence saying what is wrong with ``config``, or None."""
     if not config.cp_id or len(config.cp_id) > 64:
         return "the CP id must be 1 to 64 characters long"
-    for name in ("heartbeat_interval", "health_interval", "health_timeout", "register_retry"):
+    for name in ("heartbeat_interval", "health_interval", "health_timeout", "register_retry", "register_timeout",
+                 "stop_confirm", "connect_timeout", "retry_base", "retry_max", "ack_timeout"):
         if getattr(config, name) <= 0:
             return f"--{name.replace('_', '-')} must be greater than 0"
     return None

@@ -40,6 +40,13 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def bootstrap(text: str) -> str:
+    """A Kafka bootstrap: HOST:PORT or a comma-separated list of them (argparse type), checked, as given."""
+    for part in text.split(","):
+        host_port(part.strip())
+    return text
+
+
 def positional_or_env(parser: argparse.ArgumentParser, name: str, env: str, help: str, type: Any = str) -> None:
     """A positional argument that may be omitted when ``env`` is set."""
     raw = os.environ.get(env)

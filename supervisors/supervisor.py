@@ -1,15 +1,27 @@
-"""OTP-style supervisor for pykka actors: child specs, one-for-one, intensity.
+"""OTP-style supervisor for pykka actors: child specs, strategies, intensity.
 
 A :class:`Supervisor` is itself a :class:`SupervisedActor`, so trees nest.
 Children report their exit with :class:`ChildExited` (see
-``transport/runtime.py``); the supervisor restarts them after a backoff
-computed by tenacity, counts restarts in a sliding window (*restart
-intensity*: at most ``max_restarts`` in ``period`` seconds) and, past it,
-stops its children and escalates: to its own parent by crashing, or, at the
-top, by calling ``on_escalate`` so the process can exit with a clear line.
+``actors/runtime.py``); the supervisor restarts them after a backoff computed
+by tenacity, counts restarts in a sliding window (*restart intensity*: at
+most ``max_restarts`` in ``period`` seconds) and, past it, stops its children
+and escalates: to its own parent by crashing, or, at the top, by calling
+``on_escalate`` so the process can exit with a clear line.
 
-Each start of a child bumps its *generation*; a late exit notice from an
-older generation is ignored, so a slow death can never kill its replacement.
+The *strategy* says which siblings restart with a crashed child, as in OTP:
+
+* ``one_for_one``: the child alone (its siblings do not depend on it);
+* ``rest_for_one``: the child and every child started after it (they depend
+  on it: an owner comes before the links, pumps and listeners that feed it,
+  so when the owner restarts they restart after it and introduce themselves
+  to the new owner again);
+* ``one_for_all``: every child.
+
+Siblings restarted with a crash are stopped in reverse start order and
+started again in start order; a *temporary* sibling is stopped and not
+restarted. Each start of a child bumps its *generation*; a late exit notice
+from an older generation is ignored, so a slow death can never kill its
+replacement.
 """
 
 from __future__ import annotations
@@ -22,12 +34,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import pykka
-from transport.runtime import ChildExited, Directory, SupervisedActor, Supervision, backoff_strategy, schedule
+from actors.runtime import ChildExited, Directory, SupervisedActor, Supervision, backoff_strategy, schedule
 
 log = logging.getLogger("evcharging.supervisor")
 
 Restart = Literal["permanent", "transient", "temporary"]
 """permanent: always restarted; transient: only after a crash; temporary: never."""
+
+Strategy = Literal["one_for_one", "rest_for_one", "one_for_all"]
+"""Which siblings restart with a crashed child (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +88,9 @@ class GetRestartLog:
 
 @dataclass(frozen=True, slots=True)
 class _RestartDue:
-    name: str
-    generation: int
+    """The backoff of restart ``incident`` is over: start its children again."""
+
+    incident: int
 
 
 @dataclass(slots=True)
@@ -83,11 +99,10 @@ class _Child:
     generation: int = 0
     ref: pykka.ActorRef[Any] | None = None
     crashed_at: float | None = None
-    timer: threading.Timer | None = None
 
 
 class Supervisor(SupervisedActor):
-    """One-for-one supervisor: a crashed child is restarted alone."""
+    """Restarts crashed children by its ``strategy`` (see the module docstring)."""
 
     def __init__(
         self,
@@ -99,11 +114,15 @@ class Supervisor(SupervisedActor):
         period: float = 10.0,
         backoff_base: float = 0.05,
         backoff_max: float = 5.0,
+        strategy: Strategy = "one_for_one",
         on_escalate: Callable[[str], None] | None = None,
         supervision: Supervision | None = None,
     ) -> None:
         super().__init__(supervision=supervision)
+        if strategy not in ("one_for_one", "rest_for_one", "one_for_all"):
+            raise ValueError(f"unknown supervision strategy {strategy!r}")
         self.name = name
+        self.strategy = strategy
         self.directory = directory if directory is not None else Directory()
         self.max_restarts = max_restarts
         self.period = period
@@ -114,6 +133,9 @@ class Supervisor(SupervisedActor):
         self._restarts: deque[float] = deque()
         self._restart_log: list[tuple[str, float, float]] = []
         self._stopping = False
+        self._incidents: dict[int, list[str]] = {}  # pending restart -> names, in start order
+        self._next_incident = 0
+        self._timers: dict[int, threading.Timer] = {}
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
@@ -122,6 +144,7 @@ class Supervisor(SupervisedActor):
 
     def teardown(self) -> None:
         self._stopping = True
+        self._cancel_timers()
         for child in reversed(list(self._children.values())):
             self._stop_child(child)
         self._children.clear()
@@ -131,12 +154,15 @@ class Supervisor(SupervisedActor):
         match message:
             case ChildExited():
                 self._on_exit(message)
-            case _RestartDue(name, generation):
-                self._on_restart_due(name, generation)
+            case _RestartDue(incident):
+                self._on_restart_due(incident)
             case StartChild(spec):
                 return self._add(spec)
             case TerminateChild(name):
                 child = self._children.pop(name, None)
+                for pending in self._incidents.values():
+                    if name in pending:
+                        pending.remove(name)
                 if child is not None:
                     self._stop_child(child)
                 return child is not None
@@ -170,8 +196,6 @@ class Supervisor(SupervisedActor):
         self.directory.register(spec.name, child.ref)
 
     def _stop_child(self, child: _Child) -> None:
-        if child.timer is not None:
-            child.timer.cancel()
         child.generation += 1  # any notice the dying actor sends is now stale
         ref, child.ref = child.ref, None
         if ref is None:
@@ -212,28 +236,61 @@ class Supervisor(SupervisedActor):
                 f"in {self.period:g} s, so the supervisor gives up"
             )
             return
+        group = self._restart_group(notice.name)
+        for sibling in reversed(group[1:]):  # dependants first, in reverse start order
+            self._stop_child(sibling)
+            if sibling.spec.restart == "temporary":
+                del self._children[sibling.spec.name]
+        names = [c.spec.name for c in group if c.spec.name in self._children]
+        for pending in self._incidents.values():  # this restart takes them over
+            pending[:] = [n for n in pending if n not in names]
         delay = self._delay(len(self._restarts))
+        also = f" with {', '.join(names[1:])} ({self.strategy})" if len(names) > 1 else ""
         log.warning(
-            "%s: %s %s; restarting in %.2f s (restart %d of %d allowed in %g s)",
-            self.name, notice.name, what, delay, len(self._restarts), self.max_restarts, self.period,
+            "%s: %s %s; restarting it%s in %.2f s (restart %d of %d allowed in %g s)",
+            self.name, notice.name, what, also, delay, len(self._restarts), self.max_restarts, self.period,
         )
         child.crashed_at = now
-        child.timer = schedule(delay, self.actor_ref, _RestartDue(notice.name, child.generation))
+        self._next_incident += 1
+        self._incidents[self._next_incident] = names
+        self._timers[self._next_incident] = schedule(delay, self.actor_ref, _RestartDue(self._next_incident))
 
-    def _on_restart_due(self, name: str, generation: int) -> None:
-        child = self._children.get(name)
-        if child is None or child.generation != generation or self._stopping:
+    def _restart_group(self, name: str) -> list[_Child]:
+        """The crashed child first, then the siblings its strategy restarts with it, in start order."""
+        children = list(self._children.values())
+        index = next(i for i, c in enumerate(children) if c.spec.name == name)
+        if self.strategy == "one_for_one":
+            return [children[index]]
+        others = children[index + 1:] if self.strategy == "rest_for_one" else children[:index] + children[index + 1:]
+        return [children[index]] + others
+
+    def _on_restart_due(self, incident: int) -> None:
+        names = self._incidents.pop(incident, [])
+        self._timers.pop(incident, None)
+        if self._stopping:
             return
-        child.timer = None
-        self._start(child)
-        if child.crashed_at is not None and child.ref is not None:
-            delay = time.monotonic() - child.crashed_at
-            self._restart_log.append((name, delay, time.time()))
-            log.info("%s: restarted %s after %.3f s (generation %d)", self.name, name, delay, child.generation)
+        order = {n: i for i, n in enumerate(self._children)}
+        for name in sorted(names, key=lambda n: order.get(n, len(order))):
+            child = self._children.get(name)
+            if child is None or child.ref is not None:
+                continue
+            self._start(child)
+            if child.crashed_at is not None and child.ref is not None:
+                delay = time.monotonic() - child.crashed_at
+                child.crashed_at = None
+                self._restart_log.append((name, delay, time.time()))
+                log.info("%s: restarted %s after %.3f s (generation %d)", self.name, name, delay, child.generation)
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._incidents.clear()
 
     def _escalate(self, reason: str) -> None:
         log.error(reason)
         self._stopping = True
+        self._cancel_timers()
         for child in reversed(list(self._children.values())):
             self._stop_child(child)
         self._children.clear()
@@ -254,30 +311,40 @@ def _describe(error: BaseException | None) -> str:
     return f"crashed ({type(error).__name__}: {text})" if str(error) else f"crashed ({text})"
 
 
-def spawner(supervisor: pykka.ActorRef[Supervisor], timeout: float = 10.0) -> Callable[..., Any]:
-    """A ``spawn(name, cls, args, kwargs)`` function for transport actors.
+def spawner(supervisor: pykka.ActorRef[Supervisor], timeout: float = 10.0,
+            restart: Restart = "temporary") -> Callable[..., Any]:
+    """A ``spawn(name, cls, args, kwargs)`` function for actors that start children.
 
-    Transport cannot import this module; the wiring code hands it this
-    function instead, which starts a *temporary* child of ``supervisor``.
-    Call it from a plain thread, never from the supervisor's own thread.
+    Transport and the domain actors cannot import this module; the wiring
+    code hands them this function instead, which starts a child of
+    ``supervisor`` with the given ``restart`` policy. Call it from any thread
+    but the supervisor's own.
     """
 
     def spawn(name: str, actor_class: type[SupervisedActor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        spec = ChildSpec(name, actor_class, args, kwargs, restart="temporary")
+        spec = ChildSpec(name, actor_class, args, kwargs, restart=restart)
         return supervisor.ask(StartChild(spec), timeout=timeout)
 
     return spawn
 
 
-def spawner_by_name(directory: Directory, supervisor_name: str, timeout: float = 10.0) -> Callable[..., Any]:
+def spawner_by_name(directory: Directory, supervisor_name: str, timeout: float = 10.0,
+                    restart: Restart = "temporary") -> Callable[..., Any]:
     """Like :func:`spawner`, but finds the supervisor by name at each call,
-    so it keeps working after that supervisor was itself restarted."""
+    so it keeps working after that supervisor was itself restarted. While it
+    is being restarted (its owner restarted, rest_for_one), the call waits for
+    it, at most ``timeout`` seconds."""
 
     def spawn(name: str, actor_class: type[SupervisedActor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        supervisor = directory.get(supervisor_name)
-        if supervisor is None:
-            raise RuntimeError(f"supervisor {supervisor_name!r} is not running")
-        return spawner(supervisor, timeout)(name, actor_class, args, kwargs)
+        deadline = time.monotonic() + timeout
+        while (supervisor := directory.get(supervisor_name)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"supervisor {supervisor_name!r} is not running")
+            time.sleep(0.01)
+        try:
+            return spawner(supervisor, timeout, restart)(name, actor_class, args, kwargs)
+        except pykka.ActorDeadError:  # stopped between the lookup and the ask: once more
+            return spawn(name, actor_class, args, kwargs) if time.monotonic() < deadline else None
 
     return spawn
 
@@ -294,5 +361,16 @@ def start_tree(
     Options are those of :class:`Supervisor`.
     """
     ref = Supervisor.start(name, children, **options)
-    ref.ask(WhichChildren(), timeout=30)
+    _wait_started(ref, options.get("directory"))
     return ref
+
+
+def _wait_started(ref: pykka.ActorRef[Supervisor], directory: Directory | None, timeout: float = 30) -> None:
+    """Return once ``ref`` and every supervisor below it have started their children."""
+    names = ref.ask(WhichChildren(), timeout=timeout)
+    if directory is None:
+        return
+    for name in names:
+        child = directory.get(name)
+        if child is not None and issubclass(child.actor_class, Supervisor):
+            _wait_started(child, directory, timeout)

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import pykka
 
-from supervisors.supervisor import ChildSpec, start_tree
+from supervisors.supervisor import ChildSpec, Supervisor, start_tree
 from transport.kafka import ConsumerPump, wait_ready
-from transport.runtime import Directory
+from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.system")
 
@@ -100,10 +100,22 @@ def start_system(name: str, children: list[ChildSpec], directory: Directory | No
         escalated.set()
 
     ref = start_tree(name, children, directory=directory, on_escalate=on_escalate, **options)
-    pumps = tuple(c.name for c in children if issubclass(c.actor_class, ConsumerPump))
+    pumps = tuple(_consumers(children))
     system = RunningSystem(name, ref, directory, escalated, consumers=pumps)
     holder["system"] = system
     return system
+
+
+def _consumers(children: list[ChildSpec] | tuple[ChildSpec, ...]) -> list[str]:
+    """Names of the Kafka consumer pumps in a tree of child specs (nested supervisors included)."""
+    names: list[str] = []
+    for spec in children:
+        if issubclass(spec.actor_class, ConsumerPump):
+            names.append(spec.name)
+        elif issubclass(spec.actor_class, Supervisor):
+            nested = spec.args[1] if len(spec.args) > 1 else spec.kwargs.get("children", ())
+            names += _consumers(nested)
+    return names
 
 
 def run_until_signal(start: Callable[[], RunningSystem], stop: Callable[[RunningSystem], None],

@@ -1,11 +1,13 @@
-"""Shared fixtures: every test ends with no actor alive; one local broker per run."""
+"""Shared fixtures: a test that leaves an actor running fails; one local broker per run."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pykka
 import pytest
@@ -15,11 +17,49 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+#: How long a test's actors may take to finish stopping after its fixtures were torn down
+#: (a supervisor stops its children one by one; a stop may be asynchronous).
+LEAK_GRACE_S = 3.0
+
+
 @pytest.fixture(autouse=True)
 def _stop_all_actors() -> Iterator[None]:
-    """pykka threads are not daemons: a test that leaks one would hang the run."""
+    """Every test must stop the actors it started: one still running afterwards fails the test.
+
+    pykka threads are not daemons, so a leaked actor would hang the run: they are
+    stopped here all the same, and then the test fails naming their classes.
+    This fixture is set up first and torn down last, so the test's own fixtures
+    (``with`` blocks, ``yield`` fixtures that stop their system) have run by
+    then. No fixture of broader scope (module, session) keeps actors across
+    tests: ``broker`` is a child process, not an actor. One that did would have
+    to be exempted here explicitly, by the actors' URNs.
+    """
     yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while (alive := [ref for ref in pykka.ActorRegistry.get_all() if ref.is_alive()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     pykka.ActorRegistry.stop_all(block=True, timeout=10)
+    if alive:
+        counts = Counter(ref.actor_class.__name__ for ref in alive)
+        names = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in sorted(counts.items()))
+        pytest.fail(f"the test left {len(alive)} actor(s) running: {names} "
+                    "(stop what you start: a `with` block, or a fixture that stops it in its teardown)",
+                    pytrace=False)
+
+
+@pytest.fixture
+def stop_at_end() -> Iterator[Callable[[Any], Any]]:
+    """``sup = stop_at_end(Supervisor.start(...))``: the ref is stopped when the test ends, passed or failed
+    (stopping a ref that already stopped does nothing)."""
+    refs: list[Any] = []
+
+    def keep(ref: Any) -> Any:
+        refs.append(ref)
+        return ref
+
+    yield keep
+    for ref in reversed(refs):
+        ref.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings
-from transport.frame_client import FrameClient
+from tests.frame_client import FrameClient
 
 
 class FakeMonitor:

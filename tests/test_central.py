@@ -13,12 +13,13 @@ import pytest
 
 from actors.central import AdminCommand, CentralStatus
 from actors.console import ConsoleLine
-from actors.panel import render_text
+from actors.panel import LastSnapshot, PanelText, render_text
 from persistence import Repository
 from supervisors.central_system import CentralSystemConfig, start_central
 from tests.fakes import FakeMonitor, KafkaPeer
 from tests.waiting import wait_until
 from transport import protocol
+from transport.listener import ListenerPort
 
 pytestmark = pytest.mark.broker
 
@@ -36,7 +37,7 @@ def central(kafka_settings, tmp_path, request):
                                  life_timeout=marker.args[0] if marker else 30.0)
     system = start_central(config)
     assert system.wait_ready(30), "Central's Kafka consumers did not join within 30 s"
-    system.port = system.ask("monitor-listener", "port")
+    system.port = system.ask("monitor-listener", ListenerPort())
     system.db = db
     peer = KafkaPeer(kafka_settings)
     system.peer = peer
@@ -103,7 +104,7 @@ def test_enrolment_open_and_closed(central, kafka_settings, tmp_path) -> None:
                                                topic_prefix=kafka_settings.topic_prefix + "closed.",
                                                group_id="closed"))
     try:
-        m2 = FakeMonitor(closed.ask("monitor-listener", "port"), "NEW9")
+        m2 = FakeMonitor(closed.ask("monitor-listener", ListenerPort()), "NEW9")
         r2 = m2.register()
         assert r2.status == "denied" and "unknown CP NEW9" in r2.reason
         m2.close()
@@ -167,7 +168,7 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
     m.heartbeat(True)
     wait_until(lambda: state(central, "MAD1") == "SUPPLYING")
     # the panel lists the supply among the ongoing requests
-    wait_until(lambda: (snap := central.ask("panel", "snapshot")) is not None and
+    wait_until(lambda: (snap := central.ask("panel", LastSnapshot())) is not None and
                [(r.driver_id, r.cp_id, r.status) for r in snap.requests] == [("d1", "MAD1", "supplying")],
                what="the supply in the panel's requests table")
     for seq in (1, 2, 2, 3, 1):  # duplicates and a late one
@@ -246,7 +247,7 @@ def test_available_cps_and_the_panel(central) -> None:
     r = central.peer.wait_for(protocol.AvailableCpsResponse, lambda m: m.correlation_id == corr)[0]
     assert [(c.cp_id, c.state, c.price_eur_kwh) for c in r.charging_points] == [
         ("MAD1", "ACTIVE", 0.40), ("MAD2", "DISCONNECTED", 0.35)]
-    text = wait_until(lambda: (t := central.ask("panel", "text")) and "MAD1" in t and "ACTIVE" in t and t)
+    text = wait_until(lambda: (t := central.ask("panel", PanelText())) and "MAD1" in t and "ACTIVE" in t and t)
     assert "Madrid Sol" in text and "0.40 €/kWh" in text and "DISCONNECTED" in text
     assert "Ongoing driver requests" in text and "Application messages" in text
     m.close()

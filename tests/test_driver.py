@@ -26,7 +26,7 @@ from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
 from transport import protocol
 from transport.kafka import ConsumerPump, Delivery, Publish, Publisher, partition_for, wait_ready
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -362,7 +362,7 @@ def test_restarted_pump_means_a_new_hello(kafka_settings, systems, driver_log) -
     central = start_fake_central(kafka_settings, systems, plan={"CP1": "hold"})
     driver = start(kafka_settings, systems, "d7")
     wait_log(driver_log, "no supply in progress")
-    driver.get("driver").tell(ConsoleLine("charge CP1"))  # what the console reader tells
+    driver.get("output").tell(ConsoleLine("charge CP1"))  # what the console reader tells
     wait_log(driver_log, "Authorised at CP1")
     old_pump = driver.get("pump")
     old_pump.stop()  # its supervisor restarts it; the supply ends meanwhile

@@ -29,8 +29,8 @@ from supervisors.supervisor import ChildSpec, GetRestartLog, start_tree
 from supervisors.system import RunningSystem
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings, free_port
-from transport.frame_client import FrameClient, PeerClosed
-from transport.runtime import Directory, SupervisedActor, Supervision
+from tests.frame_client import FrameClient, PeerClosed
+from actors.runtime import Directory, SupervisedActor, Supervision
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -398,21 +398,26 @@ def test_a_connection_that_never_said_hello_is_not_the_monitor(engine, done_read
     assert not stray.messages("supply_started") and not stray.messages("supply_ended")
 
 
-def test_a_restarted_engine_actor_reports_its_supply_and_has_the_monitor_say_hello_again(engine, done_reader) -> None:
+def test_a_restarted_engine_actor_resumes_its_supply_and_the_monitor_says_hello_again(engine, done_reader) -> None:
+    """rest_for_one: the Monitor connections restart after the engine, so the old link closes; the new
+    EngineActor resumes the journaled supply, and a Monitor back within the grace period keeps it going."""
     system, peer = engine
     peer.send(authorize("S1"))
     wait_until(lambda: status(system)["seq"] >= 2, what="a few ticks")
     old = system.get("engine")
-    old.stop()  # the supervisor starts a fresh EngineActor; the socket stays up
+    old.stop()  # the supervisor starts a fresh EngineActor, and the connections after it
     wait_until(lambda: system.get("engine") not in (None, old), what="a new Engine actor")
-    [done] = done_reader.wait_for(lambda _: completions(done_reader, "S1"), what="the recovered completion")
-    assert done.end_reason == "engine_recovered" and done.energy_kwh > 0
-    assert status(system)["cp_id"] is None  # it has not been told who it is
-    peer.send(protocol.HealthCheck(seq=99))
-    assert peer.closed.wait(10), "the new Engine should ask the old link to reconnect"
+    assert peer.closed.wait(10), "the Monitor connection restarts after the engine"
     again = connect_when_listening("127.0.0.1", engine_port(system))
     try:
         again.send(protocol.Hello(cp_id="CP1", price_eur_kwh=0.30))
+        resumed = status(system)["seq"]
+        wait_until(lambda: status(system)["state"] == "supplying" and status(system)["seq"] >= resumed + 2,
+                   what="the supply metering on after the restart")
+        again.send(protocol.StopSupply(session_id="S1", reason="driver_stop"))
+        assert again.wait_for("supply_ended")["end_reason"] == "driver_stop"
+        [done] = done_reader.wait_for(lambda _: completions(done_reader, "S1"), what="the one completion")
+        assert done.end_reason == "driver_stop" and done.energy_kwh > 0
         again.send(authorize("S2"))
         assert auth_answer(again, "S2")["accepted"] is True
     finally:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transport.frame_client import (
+from tests.frame_client import (
     FrameClient,
     FrameRejected,
     HandshakeRefused,
@@ -321,15 +321,6 @@ def test_control_bytes_inside_data_are_data() -> None:
 
 def test_lone_etx_outside_frame_is_garbage() -> None:
     assert FrameDecoder().feed(b"\x03\x06") == [Control(ACK), Garbage(1)]
-
-
-def test_reset_drops_partial_frame() -> None:
-    dec = FrameDecoder()
-    dec.feed(b"\x02abc")
-    assert dec.pending == 4 and dec.in_frame
-    dec.reset()
-    assert dec.pending == 0 and not dec.in_frame
-    assert dec.feed(b"c\x03c") == [Garbage(3)]
 
 
 def test_accepts_bytearray_and_memoryview() -> None:

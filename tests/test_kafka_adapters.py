@@ -11,7 +11,7 @@ import pytest
 from supervisors.supervisor import ChildSpec, start_tree
 from transport import protocol
 from transport.kafka import ConsumerPump, Delivery, Publish, Published, Publisher, partition_for, wait_ready
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -47,7 +47,7 @@ def charging_data(cp: str, seq: int) -> protocol.ChargingData:
     )
 
 
-def test_publish_then_pump_delivers_typed_messages(kafka_settings) -> None:
+def test_publish_then_pump_delivers_typed_messages(kafka_settings, stop_at_end) -> None:
     seen: list[Any] = []
     directory = Directory()
     sup = start_tree("t", [
@@ -56,6 +56,7 @@ def test_publish_then_pump_delivers_typed_messages(kafka_settings) -> None:
         ChildSpec("pump", ConsumerPump, (kafka_settings, ("charging_session_data",), "sink", directory),
                   {"group_id": "central-test"}),
     ], directory=directory)
+    stop_at_end(sup)
     assert wait_ready(directory.get("pump"))
     sink = directory.get("sink")
     for seq in range(1, 21):
@@ -68,7 +69,7 @@ def test_publish_then_pump_delivers_typed_messages(kafka_settings) -> None:
     sup.stop()
 
 
-def test_bad_records_arrive_as_errors_not_crashes(kafka_settings) -> None:
+def test_bad_records_arrive_as_errors_not_crashes(kafka_settings, stop_at_end) -> None:
     from kafka import KafkaProducer
 
     seen: list[Any] = []
@@ -77,6 +78,7 @@ def test_bad_records_arrive_as_errors_not_crashes(kafka_settings) -> None:
         ChildSpec("sink", Sink, (seen,)),
         ChildSpec("pump", ConsumerPump, (kafka_settings, ("driver_requests",), "sink", directory), {"group_id": "g"}),
     ], directory=directory)
+    stop_at_end(sup)
     assert wait_ready(directory.get("pump"))
     raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap, enable_idempotence=False)
     topic = kafka_settings.topic("driver_requests")
@@ -92,7 +94,7 @@ def test_bad_records_arrive_as_errors_not_crashes(kafka_settings) -> None:
     sup.stop()
 
 
-def test_failed_handler_means_redelivery_after_pump_restart(kafka_settings) -> None:
+def test_failed_handler_means_redelivery_after_pump_restart(kafka_settings, stop_at_end) -> None:
     """Commit-after-handle: the handler fails, nothing is committed, the
     supervisor restarts the pump, and the same records come again."""
     seen: list[Any] = []
@@ -103,6 +105,7 @@ def test_failed_handler_means_redelivery_after_pump_restart(kafka_settings) -> N
         ChildSpec("pump", ConsumerPump, (kafka_settings, ("charging_session_complete",), "sink", directory),
                   {"group_id": "central-redelivery"}),
     ], directory=directory, backoff_base=0.01)
+    stop_at_end(sup)
     first_pump = directory.get("pump")
     assert wait_ready(first_pump)
     msg = protocol.ChargeCompletion(
@@ -115,7 +118,7 @@ def test_failed_handler_means_redelivery_after_pump_restart(kafka_settings) -> N
     sup.stop()
 
 
-def test_partition_for_matches_the_producer(kafka_settings) -> None:
+def test_partition_for_matches_the_producer(kafka_settings, stop_at_end) -> None:
     """A driver reads only the partition its key hashes to: check the producer agrees."""
     seen: list[Any] = []
     directory = Directory()
@@ -125,6 +128,7 @@ def test_partition_for_matches_the_producer(kafka_settings) -> None:
         ChildSpec("pump", ConsumerPump, (kafka_settings, ("driver_responses",), "sink", directory),
                   {"partition_key": "driver-7"}),
     ], directory=directory)
+    stop_at_end(sup)
     assert wait_ready(directory.get("pump"))
     sink = directory.get("sink")
     for d in ("driver-7", "driver-8", "driver-9", "driver-10"):

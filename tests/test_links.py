@@ -13,10 +13,10 @@ from supervisors.supervisor import ChildSpec, StartChild, Supervisor, spawner, s
 from transport import framing, protocol
 from transport.broker import free_port
 from transport.client_link import ClientLink
-from transport.frame_client import FrameClient
+from tests.frame_client import FrameClient
 from transport.link import FrameIn, LinkDown, LinkOptions, LinkStats, LinkUp, Send
-from transport.listener import Listener
-from transport.runtime import Directory, SupervisedActor, Supervision
+from transport.listener import Listener, ListenerConnections, ListenerPort
+from actors.runtime import Directory, SupervisedActor, Supervision
 from tests.waiting import wait_until
 
 
@@ -53,7 +53,7 @@ def server() -> tuple[Directory, int]:
     tree.ask(StartChild(ChildSpec(
         "listener", Listener, ("127.0.0.1", 0, "owner", directory, spawn),
         {"max_connections": 50, "options": LinkOptions(ack_timeout=0.5, max_garbage=4096)})))
-    port = directory.get("listener").ask("port")
+    port = directory.get("listener").ask(ListenerPort())
     yield directory, port
     tree.stop()
 
@@ -152,7 +152,7 @@ def test_garbage_half_frames_and_connection_churn_leave_the_server_serving(serve
         client.send_json(heartbeat("CP4"))
         assert client.recv_json(timeout=5)["reason"] == "echo CP4"
     h.close()
-    wait_until(lambda: directory.get("listener").ask("connections") == 0, what="all connection actors gone")
+    wait_until(lambda: directory.get("listener").ask(ListenerConnections()) == 0, what="all connection actors gone")
 
 
 def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
@@ -165,7 +165,7 @@ def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
         tree.ask(StartChild(ChildSpec(
             "listener", Listener, ("127.0.0.1", 0, "owner", directory, spawner(directory.get("conns"))),
             {"options": LinkOptions(io_timeout=0.2, frame_timeout=0.6)})))
-        port = directory.get("listener").ask("port")
+        port = directory.get("listener").ask(ListenerPort())
         idle = raw_session(port)  # a session with nothing in flight is not a half frame: it stays
         h = raw_session(port)
         h.sendall(bytes([framing.STX]) + b'{"type": "heart')
@@ -173,7 +173,7 @@ def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
         assert h.recv(100) == b""  # closed by the server
         wait_until(lambda: any(isinstance(e, LinkDown) and "part of a frame" in e.reason
                                for e in directory.get("owner").ask("events")), what="LinkDown with the reason")
-        assert directory.get("listener").ask("connections") == 1
+        assert directory.get("listener").ask(ListenerConnections()) == 1
         idle.close()
     finally:
         tree.stop()
@@ -182,8 +182,8 @@ def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
 def test_full_listener_answers_nack(server) -> None:
     directory, port = server
     clients = [FrameClient.connect("127.0.0.1", port) for _ in range(50)]
-    wait_until(lambda: directory.get("listener").ask("connections") == 50)
-    from transport.frame_client import HandshakeRefused
+    wait_until(lambda: directory.get("listener").ask(ListenerConnections()) == 50)
+    from tests.frame_client import HandshakeRefused
 
     with pytest.raises(HandshakeRefused):
         FrameClient.connect("127.0.0.1", port)
@@ -198,7 +198,7 @@ class CrashableLink(ClientLink):
         return super().on_other(message)
 
 
-def test_client_link_retries_until_the_server_appears_and_restarts_after_a_crash(caplog) -> None:
+def test_client_link_retries_until_the_server_appears_and_restarts_after_a_crash(caplog, stop_at_end) -> None:
     caplog.set_level(logging.INFO, logger="evcharging")
     port = free_port()
     directory = Directory()
@@ -208,6 +208,7 @@ def test_client_link_retries_until_the_server_appears_and_restarts_after_a_crash
         ChildSpec("link", CrashableLink, ("127.0.0.1", port, "owner", directory),
                   {"peer_name": "CENTRAL", "retry_base": 0.05, "retry_max": 0.2}),
     ], directory=directory, backoff_base=0.01)
+    stop_at_end(tree)
     wait_until(lambda: any("Cannot reach CENTRAL at 127.0.0.1" in r.getMessage() for r in caplog.records),
                what="a plain retry message")
     server_dir = directory

@@ -24,8 +24,8 @@ from supervisors.system import RunningSystem
 from transport import protocol
 from transport.broker import KafkaSettings, free_port
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
-from transport.listener import Listener
-from transport.runtime import Directory, SupervisedActor, Supervision
+from transport.listener import Listener, ListenerPort
+from actors.runtime import Directory, SupervisedActor, Supervision
 from tests.test_engine import ConsolePipe, engine_config, run_program, status as engine_status
 from tests.waiting import wait_until
 
@@ -119,7 +119,7 @@ class Central:
         self.tree.ask(StartChild(ChildSpec(
             "listener", Listener, ("127.0.0.1", port, "central", self.directory, spawner(self.directory.get("conns"))),
         )))
-        self.port = self.directory.get("listener").ask("port")
+        self.port = self.directory.get("listener").ask(ListenerPort())
 
     def ask(self, message: Any) -> Any:
         return self.directory.get("central").ask(message, timeout=5)

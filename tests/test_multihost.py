@@ -2,8 +2,8 @@
 
 Two parts:
 
-* the deployment files: ``docker-compose.yml`` is read (by a small YAML
-  reader below: PyYAML is not a dependency) and every service is checked
+* the deployment files: ``docker-compose.yml`` is read (with PyYAML, noting
+  what YAML 1.1 and 1.2 read differently) and every service is checked
   against the real programs — each ``EV_*`` variable is a flag's twin of the
   program the service runs, the environment alone makes a complete command
   line, ``depends_on`` targets, health checks, volumes and Kafka's listeners
@@ -24,7 +24,6 @@ Two parts:
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from supervisors import options
 from supervisors.launcher import python_cmd
@@ -52,253 +52,50 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 
 # =====================================================================================
-# A small YAML reader: block mappings and sequences, flow [..] and {..}, quoted and
-# plain scalars, comments, anchors, aliases and merge keys (<<) — what compose files use.
+# docker-compose.yml through PyYAML, noting what YAML 1.1 and YAML 1.2 read differently.
 # =====================================================================================
-class YamlError(ValueError):
-    pass
+class ComposeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1, as docker-compose 1.x reads) that also refuses duplicate keys (Compose v2
+    does) and notes the plain scalars YAML 1.2 (Compose v2) reads differently: ``on``/``off``/``yes``/``no``
+    (booleans in 1.1, strings in 1.2) and integers such as ``010`` or ``1:30`` (octal and base 60 in 1.1)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.ambiguous: list[str] = []
+
+    def construct_yaml_bool(self, node: yaml.ScalarNode) -> bool:
+        if node.value.lower() not in ("true", "false"):
+            self.ambiguous.append(node.value)
+        return super().construct_yaml_bool(node)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", node.value):
+            self.ambiguous.append(node.value)
+        return super().construct_yaml_int(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys a merge brings in may be overridden
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _strip_comment(line: str) -> str:
-    quote = None
-    i = 0
-    while i < len(line):
-        ch = line[i]
-        if quote == "'":
-            if ch == "'":
-                if line[i + 1:i + 2] == "'":
-                    i += 1
-                else:
-                    quote = None
-        elif quote == '"':
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quote = None
-        elif ch in "'\"" and (i == 0 or line[i - 1] in " \t[{,:-"):
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-        i += 1
-    return line
+ComposeLoader.add_constructor("tag:yaml.org,2002:bool", ComposeLoader.construct_yaml_bool)
+ComposeLoader.add_constructor("tag:yaml.org,2002:int", ComposeLoader.construct_yaml_int)
 
 
-#: Plain words YAML 1.1 readers (PyYAML, docker-compose 1.x) take for booleans, and YAML 1.2 (Compose v2) not.
-AMBIGUOUS = {"yes", "no", "on", "off", "y", "n", "Yes", "No", "On", "Off", "YES", "NO", "ON", "OFF"}
-
-
-class MiniYaml:
-    def __init__(self, text: str) -> None:
-        self.lines: list[tuple[int, int, str]] = []
-        self.anchors: dict[str, Any] = {}
-        self.ambiguous: list[str] = []  # plain scalars that YAML 1.1 and 1.2 read differently
-        for n, raw in enumerate(text.splitlines(), start=1):
-            lead = raw[:len(raw) - len(raw.lstrip())]
-            if "\t" in lead:
-                raise YamlError(f"line {n}: a tab in the indentation")
-            content = _strip_comment(raw).rstrip()
-            if not content.strip() or content.strip() == "---":
-                continue
-            self.lines.append((n, len(content) - len(content.lstrip(" ")), content.strip()))
-        self.i = 0
-
-    def load(self) -> Any:
-        if not self.lines:
-            return None
-        value = self._block(self.lines[0][1])
-        if self.i != len(self.lines):
-            raise YamlError(f"line {self.lines[self.i][0]}: unexpected indentation")
-        return value
-
-    # --- block structure ---------------------------------------------------------
-    def _block(self, indent: int) -> Any:
-        text = self.lines[self.i][2]
-        return self._seq(indent) if text == "-" or text.startswith("- ") else self._map(indent)
-
-    def _nested(self, parent: int) -> Any:
-        if self.i < len(self.lines) and self.lines[self.i][1] > parent:
-            return self._block(self.lines[self.i][1])
-        return None
-
-    def _seq(self, indent: int) -> list[Any]:
-        out: list[Any] = []
-        while self.i < len(self.lines):
-            n, ind, text = self.lines[self.i]
-            if ind < indent or not (text == "-" or text.startswith("- ")):
-                break
-            if ind > indent:
-                raise YamlError(f"line {n}: unexpected indentation")
-            rest = text[1:].lstrip()
-            if not rest:
-                self.i += 1
-                out.append(self._nested(indent))
-            elif rest[0] not in "'\"[{*&" and (": " in rest or rest.endswith(":")):
-                # "- key: value": a mapping that starts on the dash's line
-                self.lines[self.i] = (n, ind + len(text) - len(rest), rest)
-                out.append(self._map(ind + len(text) - len(rest)))
-            else:
-                self.i += 1
-                out.append(self._value(rest, n))
-        return out
-
-    def _map(self, indent: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        merges: list[Any] = []
-        while self.i < len(self.lines):
-            n, ind, text = self.lines[self.i]
-            if ind < indent:
-                break
-            if ind > indent:
-                raise YamlError(f"line {n}: unexpected indentation")
-            key, rest = self._key(text, n)
-            self.i += 1
-            anchor = None
-            if rest.startswith("&"):
-                anchor, _, rest = rest[1:].partition(" ")
-                rest = rest.strip()
-            if rest:
-                value = self._value(rest, n)
-            elif self.i < len(self.lines) and self.lines[self.i][1] == indent and self.lines[self.i][2][:1] == "-":
-                value = self._seq(indent)  # a sequence may sit at its key's indentation
-            else:
-                value = self._nested(indent)
-            if anchor:
-                self.anchors[anchor] = value
-            if key == "<<":
-                merges.extend(value if isinstance(value, list) else [value])
-                continue
-            if key in out:
-                raise YamlError(f"line {n}: duplicate key {key!r}")
-            out[key] = value
-        for merged in merges:
-            if not isinstance(merged, dict):
-                raise YamlError("<< must merge mappings")
-            for k, v in merged.items():
-                out.setdefault(k, copy.deepcopy(v))
-        return out
-
-    @staticmethod
-    def _key(text: str, n: int) -> tuple[str, str]:
-        if text[0] in "'\"":
-            key, end = MiniYaml._quoted(text, 0, n)
-            rest = text[end:].lstrip()
-            if not rest.startswith(":"):
-                raise YamlError(f"line {n}: expected ':' after the key")
-            return key, rest[1:].strip()
-        at = text.find(": ")
-        if at < 0 and text.endswith(":"):
-            at = len(text) - 1
-        if at <= 0:
-            raise YamlError(f"line {n}: expected 'key: value', got {text!r}")
-        return text[:at].strip(), text[at + 1:].strip()
-
-    # --- values ---------------------------------------------------------------------
-    def _value(self, text: str, n: int) -> Any:
-        if text.startswith("*"):
-            name = text[1:].strip()
-            if name not in self.anchors:
-                raise YamlError(f"line {n}: unknown alias *{name}")
-            return copy.deepcopy(self.anchors[name])
-        if text[0] in "|>":
-            raise YamlError(f"line {n}: block scalars are not supported by this reader")
-        value, end = self._flow(text, 0, n)
-        if text[end:].strip():
-            raise YamlError(f"line {n}: unexpected {text[end:].strip()!r}")
-        return value
-
-    def _flow(self, text: str, i: int, n: int, inside: bool = False) -> tuple[Any, int]:
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i >= len(text):
-            return None, i
-        ch = text[i]
-        if ch in "'\"":
-            return self._quoted(text, i, n)
-        if ch == "[":
-            items: list[Any] = []
-            i += 1
-            while True:
-                while i < len(text) and text[i] == " ":
-                    i += 1
-                if i < len(text) and text[i] == "]":
-                    return items, i + 1
-                item, i = self._flow(text, i, n, inside=True)
-                items.append(item)
-                while i < len(text) and text[i] == " ":
-                    i += 1
-                if i >= len(text):
-                    raise YamlError(f"line {n}: unclosed [")
-                if text[i] == ",":
-                    i += 1
-                elif text[i] != "]":
-                    raise YamlError(f"line {n}: expected , or ] at {text[i:]!r}")
-        if ch == "{":
-            mapping: dict[str, Any] = {}
-            i += 1
-            while True:
-                while i < len(text) and text[i] == " ":
-                    i += 1
-                if i < len(text) and text[i] == "}":
-                    return mapping, i + 1
-                key, i = self._flow(text, i, n, inside=True)
-                if i >= len(text) or text[i] != ":":
-                    raise YamlError(f"line {n}: expected ':' in a flow mapping")
-                value, i = self._flow(text, i + 1, n, inside=True)
-                mapping[str(key)] = value
-                while i < len(text) and text[i] == " ":
-                    i += 1
-                if i >= len(text):
-                    raise YamlError(f"line {n}: unclosed {{")
-                if text[i] == ",":
-                    i += 1
-                elif text[i] != "}":
-                    raise YamlError(f"line {n}: expected , or }} at {text[i:]!r}")
-        end = i
-        while end < len(text):
-            if inside and (text[end] in ",]}" or (text[end] == ":" and text[end + 1:end + 2] in (" ", ""))):
-                break
-            end += 1
-        return self._plain(text[i:end].strip()), end
-
-    @staticmethod
-    def _quoted(text: str, i: int, n: int) -> tuple[str, int]:
-        quote, out, i = text[i], [], i + 1
-        while i < len(text):
-            ch = text[i]
-            if quote == "'" and ch == "'":
-                if text[i + 1:i + 2] == "'":
-                    out.append("'")
-                    i += 2
-                    continue
-                return "".join(out), i + 1
-            if quote == '"' and ch == "\\":
-                nxt = text[i + 1:i + 2]
-                out.append({"n": "\n", "t": "\t", '"': '"', "\\": "\\", "/": "/"}.get(nxt, "\\" + nxt))
-                i += 2
-                continue
-            if quote == '"' and ch == '"':
-                return "".join(out), i + 1
-            out.append(ch)
-            i += 1
-        raise YamlError(f"line {n}: unclosed quote")
-
-    def _plain(self, word: str) -> Any:
-        if word in ("", "~", "null", "Null", "NULL"):
-            return None
-        if word in ("true", "True", "TRUE"):
-            return True
-        if word in ("false", "False", "FALSE"):
-            return False
-        if re.fullmatch(r"[-+]?\d+", word):
-            return int(word)
-        if word in AMBIGUOUS:
-            self.ambiguous.append(word)
-        return word
-
-
-def load_yaml(text: str) -> tuple[Any, MiniYaml]:
-    reader = MiniYaml(text)
-    return reader.load(), reader
+def load_yaml(text: str) -> tuple[Any, list[str]]:
+    """The document and the plain scalars that YAML 1.1 and 1.2 readers would read differently."""
+    loader = ComposeLoader(text)
+    try:
+        return loader.get_single_data(), loader.ambiguous
+    finally:
+        loader.dispose()
 
 
 # --- compose helpers --------------------------------------------------------------------
@@ -367,9 +164,7 @@ def accepted_env(parser: Any) -> set[str]:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    data, reader = load_yaml(COMPOSE.read_text(encoding="utf-8"))
-    assert not reader.ambiguous, (f"quote {reader.ambiguous}: YAML 1.1 readers (docker-compose 1.x) take them "
-                                  "for booleans, Compose v2 for strings")
+    data, _ = load_yaml(COMPOSE.read_text(encoding="utf-8"))
     return data
 
 
@@ -381,13 +176,14 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 APP_SCRIPTS = ("EV_Central", "EV_CP_E", "EV_CP_M", "EV_Driver")
 
 
-def test_the_yaml_reader_reads_the_compose_file_as_pyyaml_does(compose: dict[str, Any]) -> None:
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (not a dependency): nothing to compare with")
-    expected = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    assert json.loads(json.dumps(compose)) == json.loads(json.dumps(expected))
+def test_the_compose_file_reads_the_same_in_yaml_1_1_and_1_2() -> None:
+    data, ambiguous = load_yaml(COMPOSE.read_text(encoding="utf-8"))
+    assert not ambiguous, (f"quote {ambiguous}: YAML 1.1 readers (docker-compose 1.x) and YAML 1.2 ones "
+                           "(Compose v2) read them differently")
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict) and data["services"]
 
 
-def test_the_yaml_reader_handles_what_compose_files_use() -> None:
+def test_the_compose_loader_flags_what_yaml_1_1_and_1_2_read_differently() -> None:
     text = """
 x-a: &a
   build: .   # a comment
@@ -399,6 +195,7 @@ s:
     <<: *a
     environment:
       <<: *e
+      A: "2"
       C: ${X:-d}
     command: ["python", "-c", "print('a, b: [c]')"]
     depends_on: {x: {condition: service_healthy}}
@@ -407,16 +204,17 @@ s:
       - name: x
         n: 3
 """
-    data, reader = load_yaml(text)
+    data, ambiguous = load_yaml(text)
     one = data["s"]["one"]
-    assert one["build"] == "." and one["environment"] == {"A": "1", "B": "it's # not a comment", "C": "${X:-d}"}
+    assert one["build"] == "." and one["environment"] == {"A": "2", "B": "it's # not a comment", "C": "${X:-d}"}
     assert one["command"] == ["python", "-c", "print('a, b: [c]')"]
     assert one["depends_on"] == {"x": {"condition": "service_healthy"}}
     assert one["ports"] == ["1:2", {"name": "x", "n": 3}]
+    assert ambiguous == []
     assert interpolate(one["environment"], {"X": "y"})["C"] == "y" and interpolate("${X:-d}", {}) == "d"
-    assert load_yaml("a: off\n")[1].ambiguous == ["off"]
-    with pytest.raises(YamlError):
-        load_yaml("a:\n  b: 1\n   c: 2\n")
+    assert load_yaml("a: off\nb: true\nc: 010\nd: 1:30\ne: 10\n")[1] == ["off", "010", "1:30"]
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'b'"):
+        load_yaml("a:\n  b: 1\n  b: 2\n")
 
 
 def test_every_app_service_runs_a_program_whose_flags_its_environment_names(

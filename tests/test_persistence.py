@@ -49,6 +49,15 @@ class FakeClock:
         return self.now
 
 
+def processed(db_path: Path, message_id: str) -> bool:
+    """Whether ``complete_session`` recorded the message id (read through its own connection)."""
+    conn = open_database(db_path)
+    try:
+        return conn.execute("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "central.db"
@@ -253,7 +262,6 @@ def test_cp_upsert_enroll_list_and_states(repo: Repository) -> None:
 def test_open_session_and_lookups(repo: Repository) -> None:
     s = repo.open_session("S1", "CP1", "D1", 0.30, at=5.0)
     assert (s.status, s.created_at, s.last_seq, s.energy_kwh, s.cost_eur) == ("authorized", 5.0, 0, 0.0, 0.0)
-    assert s.is_live
     assert repo.get_session("S1") == s
     assert repo.live_session_for_driver("D1") == s
     assert repo.live_session_for_cp("CP1") == s
@@ -271,7 +279,7 @@ def test_driver_has_at_most_one_live_session(repo: Repository) -> None:
         repo.open_session("S2", "CP2", "D1", 0.25, at=2.0)
     message = str(info.value)
     assert "Driver D1" in message and "S1" in message and "CP1" in message
-    assert info.value.kind == "driver" and info.value.existing_session_id == "S1"
+    assert info.value.kind == "driver" and info.value.existing.session_id == "S1"
     assert repo.get_session("S2") is None
 
 
@@ -315,19 +323,18 @@ def test_mark_supplying_transitions(repo: Repository) -> None:
 def test_checkpoint_only_moves_forward(repo: Repository) -> None:
     repo.open_session("S1", "CP1", "D1", 0.30, at=1.0)
     repo.mark_supplying("S1", at=2.0)
-    assert repo.checkpoint("S1", 5, 0.5, 0.15) is True
-    assert repo.checkpoint("S1", 3, 0.3, 0.09) is False  # lower seq: ignored
-    assert repo.checkpoint("S1", 5, 9.9, 9.9) is False  # same seq: duplicate
+    assert repo.checkpoint_many([("S1", 5, 0.5, 0.15)]) == 1
+    assert repo.checkpoint_many([("S1", 3, 0.3, 0.09)]) == 0  # lower seq: ignored
+    assert repo.checkpoint_many([("S1", 5, 9.9, 9.9)]) == 0  # same seq: duplicate
     s = repo.get_session("S1")
     assert (s.last_seq, s.energy_kwh, s.cost_eur) == (5, 0.5, 0.15)
-    assert repo.checkpoint("S1", 6, 0.6, 0.18) is True
+    assert repo.checkpoint_many([("S1", 6, 0.6, 0.18)]) == 1
     assert repo.get_session("S1").last_seq == 6
-    with pytest.raises(UnknownSession):
-        repo.checkpoint("nope", 1, 0.1, 0.1)
+    assert repo.checkpoint_many([("nope", 1, 0.1, 0.1)]) == 0  # unknown: skipped
 
     # After completion the final figures are never overwritten.
     repo.complete_session("S1", 1.0, 0.30, "unplugged", 9.0)
-    assert repo.checkpoint("S1", 99, 50.0, 15.0) is False
+    assert repo.checkpoint_many([("S1", 99, 50.0, 15.0)]) == 0
     s = repo.get_session("S1")
     assert (s.energy_kwh, s.cost_eur, s.last_seq) == (1.0, 0.30, 6)
 
@@ -354,7 +361,7 @@ def test_cancel_session(repo: Repository) -> None:
     repo.open_session("S1", "CP1", "D1", 0.30, at=1.0)
     assert repo.cancel_session("S1", "CP vanished", at=2.0) is True
     s = repo.get_session("S1")
-    assert (s.status, s.end_reason, s.ended_at, s.is_live) == ("cancelled", "CP vanished", 2.0, False)
+    assert (s.status, s.end_reason, s.ended_at) == ("cancelled", "CP vanished", 2.0)
     assert repo.cancel_session("S1", "again", at=3.0) is False
     assert repo.get_ticket("S1") is None
 
@@ -375,7 +382,7 @@ def test_live_sessions_survive_a_restart(db_path: Path) -> None:
     repo.open_session("S1", "CP1", "D1", 0.3, at=1.0)
     repo.open_session("S2", "CP2", "D2", 0.3, at=2.0)
     repo.mark_supplying("S2", at=3.0)
-    repo.checkpoint("S2", 7, 0.7, 0.21)
+    repo.checkpoint_many([("S2", 7, 0.7, 0.21)])
     repo.open_session("S3", "CP3", "D3", 0.3, at=4.0)
     repo.complete_session("S3", 1.0, 0.3, "unplugged", 5.0, "ACTIVE")
     repo.close()
@@ -412,7 +419,7 @@ def test_complete_session_is_exactly_once(repo: Repository, db_path: Path) -> No
     s = repo.get_session("S1")
     assert (s.status, s.energy_kwh, s.cost_eur, s.ended_at) == ("completed", 2.5, 0.75, 20.0)
     assert repo.get_cp("CP1").state == "ACTIVE"
-    assert repo.is_processed("m-1")
+    assert processed(db_path, "m-1")
 
     # The replay (Kafka delivers at least once) changes nothing.
     repo.set_cp_state("CP1", "BROKEN")
@@ -424,7 +431,7 @@ def test_complete_session_is_exactly_once(repo: Repository, db_path: Path) -> No
     assert len(repo.tickets()) == 1
     assert repo.get_session("S1").energy_kwh == 2.5
     assert repo.get_cp("CP1").state == "BROKEN"
-    assert not repo.is_processed("m-2")
+    assert not processed(db_path, "m-2")
 
     # The database itself refuses a second ticket for the same session.
     conn = open_database(db_path)
@@ -453,7 +460,7 @@ def test_complete_session_is_one_transaction(repo: Repository, db_path: Path) ->
         s = repo.get_session("S1")
         assert (s.status, s.energy_kwh, s.ended_at) == ("supplying", 0.0, None)
         assert repo.get_cp("CP1").state == "SUPPLYING"
-        assert not repo.is_processed("m-1")
+        assert not processed(db_path, "m-1")
         assert repo.tickets() == []
     finally:
         conn.execute("DROP TRIGGER no_tickets")
@@ -462,11 +469,11 @@ def test_complete_session_is_one_transaction(repo: Repository, db_path: Path) ->
     assert created and ticket.cost_cents == 30
 
 
-def test_complete_unknown_session(repo: Repository) -> None:
+def test_complete_unknown_session(repo: Repository, db_path: Path) -> None:
     with pytest.raises(UnknownSession, match="S404"):
         repo.complete_session("S404", 1.0, 0.3, "unplugged", 3.0, "ACTIVE", "m-1", "t")
     assert repo.tickets() == []
-    assert not repo.is_processed("m-1")
+    assert not processed(db_path, "m-1")
 
 
 def test_cancelled_session_can_still_be_completed(repo: Repository) -> None:
@@ -558,17 +565,7 @@ def test_unacked_tickets_and_ack(db_path: Path, repo: Repository) -> None:
         reopened.close()
 
 
-# ------------------------------------------------------ dedupe, audit, stats
-
-
-def test_processed_messages(repo: Repository) -> None:
-    assert repo.is_processed("m-1") is False
-    assert repo.mark_processed("m-1", "driver_requests") is True
-    assert repo.mark_processed("m-1", "driver_requests") is False
-    assert repo.is_processed("m-1") is True
-    assert repo.prune_processed(before=0.0) == 0
-    assert repo.prune_processed(before=1e12) == 1
-    assert repo.is_processed("m-1") is False
+# ------------------------------------------------------------- audit, stats
 
 
 def test_audit_log(repo: Repository) -> None:
@@ -662,7 +659,7 @@ def test_committed_ticket_survives_sigkill(db_path: Path) -> None:
         repo.upsert_cp("CP1", "Alicante", 0.5)
         repo.open_session("S1", "CP1", "D1", 0.5, at=1.0)
         repo.mark_supplying("S1", at=2.0)
-        repo.checkpoint("S1", 3, 1.5, 0.75)
+        repo.checkpoint_many([("S1", 3, 1.5, 0.75)])
         ticket, created = repo.complete_session(
             "S1", 2.0, 1.0, "unplugged", 10.0, "ACTIVE", "msg-1", "charging_session_complete")
         print("committed", ticket.ticket_id, created, flush=True)
@@ -682,7 +679,7 @@ def test_committed_ticket_survives_sigkill(db_path: Path) -> None:
         assert (ticket.energy_kwh, ticket.cost_eur, ticket.cost_cents) == (2.0, 1.0, 100)
         assert repo.get_session("S1").status == "completed"
         assert repo.get_cp("CP1").state == "ACTIVE"
-        assert repo.is_processed("msg-1")
+        assert processed(db_path, "msg-1")
         # A replay after the restart is recognised by the ticket key.
         _, created = repo.complete_session("S1", 2.0, 1.0, "unplugged", 10.0, "ACTIVE", "msg-1", "t")
         assert created is False

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from transport.link import FramedLink, LinkOptions, _close_socket, handshake_as_client
-from transport.runtime import Directory, Supervision, backoff_strategy, schedule, tell
+from actors.runtime import Directory, Supervision, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.link")
 
@@ -38,6 +39,10 @@ class _Connected:
 class _ConnectFailed:
     attempt: int
     reason: str
+
+
+STABLE_LINK = 0.5
+"""Seconds a connection must have lasted for its loss to be retried at once (no backoff)."""
 
 
 class ClientLink(FramedLink):
@@ -66,6 +71,7 @@ class ClientLink(FramedLink):
         self._delay = backoff_strategy(retry_base, retry_max)
         self._attempt = 0
         self._failures = 0
+        self._connected_at: float | None = None
         self._stopping = False
         self._timer: threading.Timer | None = None
 
@@ -86,9 +92,20 @@ class ClientLink(FramedLink):
         if self._stopping:
             return
         log.warning("%s: lost %s (%s) — reconnecting", self.component, self.target, reason)
-        self._schedule_retry()
+        held = time.monotonic() - self._connected_at if self._connected_at is not None else 0.0
+        self._connected_at = None
+        if held >= STABLE_LINK:
+            # A link that had been up is tried again at once: a peer whose actor was
+            # restarted (or that dropped one connection) is usually back already. A peer
+            # that keeps closing fresh connections gets the backoff instead.
+            self._timer = schedule(0.0, self.actor_ref, _Connect(self._attempt + 1))
+        else:
+            self._failures += 1
+            self._schedule_retry()
 
     def on_other(self, message: Any) -> Any:
+        log.debug("%s: %s (attempt %d, %d failures)", self.component, type(message).__name__, self._attempt,
+                  self._failures)
         match message:
             case _Connect(attempt) if attempt == self._attempt + 1 and not self.connected:
                 self._attempt = attempt
@@ -101,6 +118,7 @@ class ClientLink(FramedLink):
                 if self._failures:
                     log.info("%s: connected to %s", self.component, self.target)
                 self._failures = 0
+                self._connected_at = time.monotonic()
                 self.attach(sock, self.target)
             case _ConnectFailed(attempt, reason) if attempt == self._attempt:
                 self._failures += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 
 from transport.link import FramedLink, LinkOptions
-from transport.runtime import Directory, Supervision
+from actors.runtime import Directory, Supervision
 
 
 class ServerConnection(FramedLink):

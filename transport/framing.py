@@ -2,7 +2,7 @@
 Monitor↔Engine sockets (PROTOCOL.md "Socket framing", SPEC.md §4).
 
 No sockets and no project imports, so the same code serves the actor
-transports, the blocking :mod:`transport.frame_client` and the tests.
+transports and the tests (with their blocking ``tests.frame_client``).
 
 Why DATA may not contain STX/ETX: the decoder finds frame boundaries by
 looking for those bytes, and there is no escaping. This costs nothing for
@@ -185,12 +185,6 @@ class FrameDecoder:
     def in_frame(self) -> bool:
         """True between an STX and the LRC that ends its frame."""
         return self._state != _OUT
-
-    def reset(self) -> None:
-        """Forget any partial frame, e.g. after a reconnect."""
-        self._state = _OUT
-        self._buf = bytearray()
-        self._oversized = False
 
     def _start_frame(self) -> None:
         self._state = _DATA

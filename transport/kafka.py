@@ -29,7 +29,7 @@ import pykka
 
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings, ensure_topics
-from transport.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.kafka")
 
@@ -292,6 +292,28 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class PumpUp:
+    """Pump → its target: the consumer is positioned (group joined); records flow from now.
+
+    Told once per pump generation. The target comes before its pump in the
+    tree (rest_for_one), so a restarted target always hears this from the
+    pump restarted after it.
+    """
+
+    pump: pykka.ActorRef[Any]
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PumpDown:
+    """Pump → its target: the pump stopped (``reason`` is a sentence); a new one says PumpUp."""
+
+    pump: pykka.ActorRef[Any]
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PumpReady:
     """Ask: True once the consumer is positioned and polling."""
 
@@ -390,6 +412,7 @@ class ConsumerPump(SupervisedActor):
         self._halt.set()
         if self._watch is not None:
             self._watch.stop()
+        self.directory.tell(self.target, PumpDown(self.actor_ref, self.child_name, "the consumer stopped"))
         stalled = self._stall() is not None
         busy = self._busy_since
         if stalled and busy is not None and self._consumer is not None:
@@ -456,7 +479,7 @@ class ConsumerPump(SupervisedActor):
                 if self.group_id is not None:
                     self._unassigned_since = None if assigned else (self._unassigned_since or time.monotonic())
                 if not self._ready.is_set() and assigned:
-                    self._ready.set()
+                    self._positioned()
                 if not batch:
                     continue
                 items = tuple(self._inbound(r) for records in batch.values() for r in records)
@@ -505,7 +528,7 @@ class ConsumerPump(SupervisedActor):
                     consumer.seek_to_end(*tps)
                     for tp in tps:
                         consumer.position(tp)  # resolve now, so nothing sent after "ready" is missed
-                    self._ready.set()
+                    self._positioned()
                 if attempt > 1:
                     log.info("%s: connected to Kafka at %s", self.component, self.settings.bootstrap)
                 return consumer
@@ -518,6 +541,10 @@ class ConsumerPump(SupervisedActor):
                     )
                 self._halt.wait(wait)
         return None
+
+    def _positioned(self) -> None:
+        self._ready.set()
+        self.directory.tell(self.target, PumpUp(self.actor_ref, self.child_name))
 
     def _inbound(self, record: Any) -> Inbound:
         topic = self._real_to_logical.get(record.topic, record.topic)

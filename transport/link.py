@@ -15,7 +15,7 @@ connecting side, with its own reconnect loop). It owns one socket:
 
 Garbage, bad frames and bad JSON are answered and logged, never raised; a
 peer that sends nothing but garbage is dropped. The owner is looked up by
-name in the :class:`~transport.runtime.Directory` at send time, so it may be
+name in the :class:`~actors.runtime.Directory` at send time, so it may be
 restarted under our feet.
 """
 
@@ -35,7 +35,7 @@ import pykka
 
 from transport import framing, protocol
 from transport.reader import SocketReader, Watch, shared_reader
-from transport.runtime import Directory, SupervisedActor, Supervision, schedule, tell
+from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 
 log = logging.getLogger("evcharging.link")
 
@@ -43,10 +43,16 @@ log = logging.getLogger("evcharging.link")
 # --- messages between a link and its owner ----------------------------------
 @dataclass(frozen=True, slots=True)
 class LinkUp:
-    """The link is connected and the ENQ/ACK handshake is done."""
+    """The link is connected and the ENQ/ACK handshake is done.
+
+    Every link tells its owner this on each connect, including the first one
+    after either of them was restarted, so an owner learns its links from
+    these messages alone. ``name`` is the link's child name (``engine-link``).
+    """
 
     link: pykka.ActorRef[Any]
     peer: str
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +189,7 @@ class FramedLink(SupervisedActor):
         if self.reader is None:
             self.reader = shared_reader()
         self.reader.add(watch)
-        self._tell_owner(LinkUp(self.actor_ref, peer))
+        self._tell_owner(LinkUp(self.actor_ref, peer, self.child_name))
 
     @property
     def connected(self) -> bool:

@@ -17,17 +17,28 @@ import itertools
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pykka
 
 from transport.connection import ServerConnection
 from transport.link import LinkOptions, _close_socket, handshake_as_server
-from transport.runtime import Directory, SupervisedActor, Supervision
+from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.listener")
 
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerPort:
+    """Ask: the port the listener is bound to (useful after binding port 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConnections:
+    """Ask: how many connection actors it started are still alive."""
 
 #: spawn(name, actor_class, args, kwargs) -> ref of a started temporary child
 Spawn = Callable[[str, type, tuple[Any, ...], dict[str, Any]], "pykka.ActorRef[Any] | None"]
@@ -90,10 +101,11 @@ class Listener(SupervisedActor):
             self._thread.join(timeout=2)
 
     def on_receive(self, message: Any) -> Any:
-        if message == "port":
-            return self.port
-        if message == "connections":
-            return self._count()
+        match message:
+            case ListenerPort():
+                return self.port
+            case ListenerConnections():
+                return self._count()
         return None
 
     def _count(self) -> int:

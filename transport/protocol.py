@@ -30,6 +30,7 @@ Project additions (the contract allows new types and fields):
 """
 
 import dataclasses
+import enum
 import json
 import math
 import time
@@ -47,7 +48,19 @@ SUPPLY_EVENTS = frozenset(
     {"requested", "waiting_cp", "authorized", "denied", "plugged_in", "fault", "stopped",
      "central_unavailable"}
 )
-CP_STATES = frozenset({"ACTIVE", "STOPPED", "SUPPLYING", "BROKEN", "DISCONNECTED"})
+
+
+class CpState(enum.StrEnum):
+    """A CP's state as Central shows it (SPEC §2.3); derived by ``actors.cp_state.derive_state``."""
+
+    ACTIVE = "ACTIVE"
+    STOPPED = "STOPPED"
+    SUPPLYING = "SUPPLYING"
+    BROKEN = "BROKEN"
+    DISCONNECTED = "DISCONNECTED"
+
+
+CP_STATES = frozenset(s.value for s in CpState)
 AUTHORIZATION_STATUSES = frozenset({"authorized", "denied"})
 REGISTER_STATUSES = frozenset({"accepted", "denied"})
 
@@ -106,7 +119,7 @@ class IdRule:
 
 Id = Annotated[str, IdRule()]
 EndReason = Annotated[str, OneOf(END_REASONS)]
-CpState = Annotated[str, OneOf(CP_STATES)]
+CpStateName = Annotated[str, OneOf(CP_STATES)]
 AuthStatus = Annotated[str, OneOf(AUTHORIZATION_STATUSES)]
 NonNegative = Annotated[float, AtLeast(0)]
 Seq = Annotated[int, AtLeast(1)]
@@ -127,7 +140,7 @@ class CpInfo:
     cp_id: Id
     location: str
     price_eur_kwh: NonNegative
-    state: CpState
+    state: CpStateName
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +378,7 @@ class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
     cp_id: Id
     engine_ok: bool
-    state: CpState | None = None
+    state: CpStateName | None = None
     supplying_session_id: Id | None = None
 
 

@@ -1,11 +1,12 @@
-"""The child side of supervision, plus timers and a name directory.
+"""The actor runtime: the child side of supervision, timers and a name directory.
 
 pykka has no links or monitors: an actor that dies tells nobody. Every actor
 in this project therefore derives from :class:`SupervisedActor`, which reports
 its own exit (crash in ``on_start``, crash in a message handler, or a normal
 stop) to the supervisor that started it. The supervisor side lives in
-``supervisors/``; this module is at the bottom of the layer stack so that
-transport actors (connections, Kafka pumps) and domain actors can both use it.
+``supervisors/``. This module is the one part of ``actors/`` that
+``transport/`` imports: transport actors (connections, Kafka pumps) derive
+from the same base as the domain actors, but never import a domain actor.
 
 Actors never sleep: :func:`schedule` starts a timer thread that ``tell``s a
 message back later, and :class:`Ticker` does so periodically.
