@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv lint test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -15,12 +15,17 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
-## make test: the whole suite (real broker, real sockets, real SQLite, real processes)
-test: $(STAMP)
+## make lint: ruff (style, bugs) and mypy --strict (actors/ transport/ persistence/ supervisors/); config in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## make test: lint, then the whole suite (real broker, real sockets, real SQLite, real processes)
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## make test-fast: everything but the multi-process scenarios
-test-fast: $(STAMP)
+## make test-fast: lint, then everything but the multi-process scenarios
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ## make demo: a whole network on this machine, no typing needed
@@ -32,4 +37,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run_all
 
 clean:
-	rm -rf $(VENV) run .pytest_cache *.egg-info
+	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache *.egg-info

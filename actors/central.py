@@ -29,8 +29,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import pykka
 
@@ -38,12 +39,12 @@ from actors.console import ConsoleLine
 from actors.cp_state import CpState, derive_state
 from actors.messages import MarkSupplying, ProgressBatch, Ready, SessionBilled, SessionProgress, SupplyFinished
 from actors.panel import CpTile, PanelSnapshot, RequestRow
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 from actors.session import SessionActor
 from persistence import Conflict, Repository, SessionRecord
 from transport import protocol
 from transport.kafka import Delivery, Inbound, Publish, PumpDown, PumpUp
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 
 log = logging.getLogger("evcharging.central")
 
@@ -296,10 +297,12 @@ class CentralActor(SupervisedActor):
         if rec is None:
             if self.config.enroll != "open":
                 reason = f"unknown CP {req.cp_id} (enrolment is closed)"
-                tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied", reason=reason)))
+                tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied",
+                                                          reason=reason)))
                 self._note(f"Refused registration of {req.cp_id}: {reason}")
                 return
-            rec = self.repo.enroll_cp(req.cp_id, req.location or self.config.default_location, self.config.default_price)
+            rec = self.repo.enroll_cp(req.cp_id, req.location or self.config.default_location,
+                                      self.config.default_price)
             self.repo.audit("central", req.cp_id, "enrolled", rec.location)
             self._note(f"Enrolled new CP {req.cp_id} at {rec.location}, {rec.price_eur_kwh:.2f} €/kWh")
         cp = self.cps.get(rec.cp_id)
@@ -332,7 +335,8 @@ class CentralActor(SupervisedActor):
         self._note(f"CP {cp.cp_id} lost its Monitor ({reason})")
         if cp.session_id:
             self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
-                               f"CP {cp.cp_id} lost its monitor; if it is not back soon the supply ends and you get the ticket")
+                               f"CP {cp.cp_id} lost its monitor; if it is not back soon the supply ends "
+                               "and you get the ticket")
         for corr, p in list(self._pending.items()):
             if p.cp_id == cp.cp_id:
                 self._finish_pending(corr, accepted=False, reason=f"CP {cp.cp_id} disconnected")
@@ -507,7 +511,7 @@ class CentralActor(SupervisedActor):
 
     # --- drivers -----------------------------------------------------------------
     def _on_driver_record(self, item: Inbound) -> None:
-        if item.error is not None:
+        if item.message is None:  # undecodable: item.error says why
             log.warning("Ignored a bad driver request (key %s): %s", item.key, item.error)
             return
         handler = self.DRIVER_HANDLERS.get(type(item.message))
@@ -576,7 +580,7 @@ class CentralActor(SupervisedActor):
     def _on_ticket_ack(self, msg: protocol.TicketAck, _item: Inbound) -> None:
         self.repo.ack_ticket(msg.driver_id, msg.session_id)
 
-    def _to_driver(self, driver_id: str, message: Any) -> None:
+    def _to_driver(self, driver_id: str, message: protocol.Message) -> None:
         self.directory.tell("publisher", Publish("driver_responses", driver_id, message))
 
     def _driver_event(self, driver_id: str | None, sid: str, cp_id: str, event: str, detail: str | None) -> None:
@@ -593,7 +597,8 @@ class CentralActor(SupervisedActor):
             self._admin(words[0], None if words[1].lower() == "all" else words[1])
         elif words[0] == "status":
             for c in sorted(self.cps.values(), key=lambda c: c.cp_id):
-                log.info("%s %-12s %s %s", c.cp_id, c.state, c.location, f"session {c.session_id}" if c.session_id else "")
+                log.info("%s %-12s %s %s", c.cp_id, c.state, c.location,
+                         f"session {c.session_id}" if c.session_id else "")
         else:
             log.info("Commands: stop CP_ID | stop all | resume CP_ID | resume all | status")
 
@@ -634,9 +639,7 @@ class CentralActor(SupervisedActor):
                    c.power_kw if c.supplying else 0.0, c.energy_kwh if c.supplying else 0.0,
                    c.cost_eur if c.supplying else 0.0, c.fault)
             for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
-        rows = []
-        for p in self._pending.values():
-            rows.append(RequestRow(p.started, p.driver_id, p.cp_id, "waiting for CP"))
+        rows = [RequestRow(p.started, p.driver_id, p.cp_id, "waiting for CP") for p in self._pending.values()]
         for sid, cp in self._live.items():
             if not any(p.session_id == sid for p in self._pending.values()) and cp.driver_id:
                 rows.append(RequestRow(self._started.get(sid), cp.driver_id, cp.cp_id,
@@ -644,7 +647,7 @@ class CentralActor(SupervisedActor):
         return PanelSnapshot(tiles, tuple(rows), tuple(self._messages), time.time())
 
     #: One handler per Monitor message type (after registration).
-    FRAME_HANDLERS: dict[type, Callable[..., None]] = {
+    FRAME_HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
         protocol.Heartbeat: _on_heartbeat,
         protocol.FaultNotification: _on_fault,
         protocol.FaultCleared: _on_fault_cleared,
@@ -656,7 +659,7 @@ class CentralActor(SupervisedActor):
     }
 
     #: One handler per driver request type on ``driver_requests``.
-    DRIVER_HANDLERS: dict[type, Callable[..., None]] = {
+    DRIVER_HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
         protocol.AvailableCpsRequest: _on_list_request,
         protocol.ChargeRequest: _on_charge_request,
         protocol.StopChargingRequest: _on_stop_request,

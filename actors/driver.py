@@ -29,15 +29,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pykka
 
 from actors import driver_messages as m
+from actors.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
 from transport import protocol
 from transport.kafka import Delivery, Inbound, Publish, Published, PublishFailed, PumpDown, PumpUp
-from actors.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
 
 log = logging.getLogger("evcharging.driver")
 
@@ -234,12 +235,12 @@ class DriverActor(SupervisedActor):
         self._timers.append(timer)
         return timer
 
-    def _publish(self, message: Any, what: str) -> None:
+    def _publish(self, message: protocol.Message, what: str) -> None:
         if not self.directory.tell(self._publisher, Publish("driver_requests", self.driver_id, message,
                                                             self.actor_ref, what)):
             log.warning("Could not send %s: the Kafka publisher is restarting", what)
 
-    def _request(self, pending: _Pending, build: Callable[[str], Any], what: str) -> str:
+    def _request(self, pending: _Pending, build: Callable[[str], protocol.Message], what: str) -> str:
         corr = protocol.new_id()
         pending.timer = self._later(self.request_timeout, _RequestTimeout(corr))
         self._pending[corr] = pending
@@ -320,7 +321,7 @@ class DriverActor(SupervisedActor):
     def _on_record(self, item: Inbound) -> None:
         if item.key != self.driver_id:
             return  # the partition is shared with other drivers
-        if item.error is not None:
+        if item.message is None:  # undecodable: item.error says why
             log.warning("Ignored an unreadable record from Central: %s", item.error)
             return
         msg = item.message
@@ -329,7 +330,7 @@ class DriverActor(SupervisedActor):
         try:
             self._dispatch(msg)
         except Exception as exc:  # one odd record must not stall the pump
-            log.error("Could not handle a %s from Central: %s", getattr(msg, "TYPE", "record"), exc, exc_info=True)
+            log.exception("Could not handle a %s from Central: %s", msg.TYPE, exc)
 
     def _dispatch(self, msg: protocol.Message) -> None:
         corr = protocol.correlation_of(msg)

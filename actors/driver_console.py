@@ -226,7 +226,7 @@ class DriverConsole(SupervisedActor):
         rows = [("CP", "LOCATION", "PRICE", "STATE")] + [
             (c.cp_id, c.location, f"{c.price_eur_kwh:.2f} €/kWh", c.state) for c in cps]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         available = sum(1 for c in cps if c.state == "ACTIVE")
         log.info("%d charging point(s), %d available:\n%s", len(cps), available, "\n".join(lines))
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from actors import driver_messages as m
 from actors.runtime import Directory, SupervisedActor, Supervision, schedule
+from transport import protocol
 
 log = logging.getLogger("evcharging.driver")
 
@@ -144,7 +146,7 @@ class ServicesRunner(SupervisedActor):
             return
         self._request()
 
-    def _on_ticket(self, ticket: Any) -> None:
+    def _on_ticket(self, ticket: protocol.TicketInfo) -> None:
         p = self.p
         if p.finished:
             return

@@ -31,11 +31,11 @@ from typing import Any
 import pykka
 
 from actors.console import ConsoleLine
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from persistence import EngineJournal, JournalEntry, PersistenceError
 from transport import protocol
 from transport.kafka import Publish, Published, PublishFailed
 from transport.link import FrameIn, LinkDown, LinkUp, Send
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.engine")
 
@@ -265,13 +265,13 @@ class EngineActor(SupervisedActor):
     # --- links -------------------------------------------------------------------
     @property
     def _monitor(self) -> pykka.ActorRef[Any] | None:
-        for link in reversed(self._links):
+        for link in self._links[::-1]:  # the newest first
             if link.actor_urn in self._greeted:
                 return link
         return None
 
     def _known(self, link: pykka.ActorRef[Any]) -> bool:
-        return any(l.actor_urn == link.actor_urn for l in self._links)
+        return any(known.actor_urn == link.actor_urn for known in self._links)
 
     def _on_link_up(self, link: pykka.ActorRef[Any], peer: str) -> None:
         if not self._known(link):
@@ -281,7 +281,7 @@ class EngineActor(SupervisedActor):
 
     def _on_link_down(self, link: pykka.ActorRef[Any], peer: str, reason: str) -> None:
         was_monitor = self._monitor is not None and self._monitor.actor_urn == link.actor_urn
-        self._links = [l for l in self._links if l.actor_urn != link.actor_urn]
+        self._links = [other for other in self._links if other.actor_urn != link.actor_urn]
         self._greeted.pop(link.actor_urn, None)
         self._peers.pop(link.actor_urn, None)
         if not was_monitor:
@@ -299,10 +299,10 @@ class EngineActor(SupervisedActor):
             self._supply.timers.append(schedule(self.options.monitor_grace, self.actor_ref,
                                                 _MonitorGone(self._supply.session_id)))
 
-    def _send(self, link: pykka.ActorRef[Any] | None, message: Any) -> bool:
+    def _send(self, link: pykka.ActorRef[Any] | None, message: protocol.Message) -> bool:
         return tell(link, Send(message))
 
-    def _on_frame(self, link: pykka.ActorRef[Any], msg: Any) -> None:
+    def _on_frame(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
         # Connections start after this actor (rest_for_one) and say LinkUp first, so
         # every link is known here; also after a restart of this actor.
         match msg:
@@ -320,7 +320,7 @@ class EngineActor(SupervisedActor):
                 self._on_resume_cp()
             case protocol.CpSupplyResponse():
                 self._on_cp_supply_response(msg)
-            case protocol.ErrorMessage(reason, correlation_id):
+            case protocol.ErrorMessage(reason):
                 log.warning("%s: the Monitor could not accept a message: %s", self._me, reason)
             case _:
                 log.warning("%s: ignoring a %s from the Monitor (not for an Engine)", self._me, msg.TYPE)
@@ -522,7 +522,7 @@ class EngineActor(SupervisedActor):
             log.debug("%s: no publisher running yet; completion of %s in %.1f s", self._me, session_id, wait)
         pending.timer = schedule(wait, me, _SendCompletion(session_id, pending.attempt))
 
-    def _on_published(self, session_id: Any) -> None:
+    def _on_published(self, session_id: str) -> None:
         pending = self._pending.pop(session_id, None)
         if pending is None:
             return  # a second acknowledgement of a resent completion
@@ -540,7 +540,7 @@ class EngineActor(SupervisedActor):
                 event.set()
             self._drained.clear()
 
-    def _on_publish_failed(self, session_id: Any, reason: str) -> None:
+    def _on_publish_failed(self, session_id: str, reason: str) -> None:
         pending = self._pending.get(session_id)
         if pending is None:
             return
@@ -631,7 +631,8 @@ class EngineActor(SupervisedActor):
         if self.ko:
             log.warning("%s is now KO (simulated fault)", self._me)
             if self.cp_id is not None:
-                self._send(self._monitor, protocol.FaultNotification(cp_id=self.cp_id, reason="simulated fault at the CP"))
+                self._send(self._monitor,
+                           protocol.FaultNotification(cp_id=self.cp_id, reason="simulated fault at the CP"))
             if self._supply is not None:
                 self._end("fault")
         else:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.messages import Bill, BillOrphan, Checkpoint, LoadSession, MarkSupplying, Ready
-from persistence import Repository, TicketRecord, UnknownSession
 from actors.runtime import SupervisedActor, Supervision, Ticker
+from persistence import Repository, TicketRecord, UnknownSession
+from transport import protocol
 
 log = logging.getLogger("evcharging.central.ledger")
 
@@ -79,14 +80,15 @@ class LedgerActor(SupervisedActor):
                 return True
         return None
 
-    def _bill(self, c: Any, cp_state: str | None) -> tuple[TicketRecord, bool]:
+    def _bill(self, c: protocol.ChargeCompletion, cp_state: str | None) -> tuple[TicketRecord, bool]:
         self._pending.pop(c.session_id, None)
         ticket, created = self.repo.complete_session(
             c.session_id, c.energy_kwh, c.cost_eur, c.end_reason, c.timestamp,
             cp_state=cp_state, message_id=c.message_id, topic="charging_session_complete",
         )
         if created:
-            self.repo.audit("central", c.cp_id, "ticket", f"{c.session_id} {ticket.energy_kwh:.3f} kWh {ticket.cost_eur:.2f} EUR")
+            self.repo.audit("central", c.cp_id, "ticket",
+                            f"{c.session_id} {ticket.energy_kwh:.3f} kWh {ticket.cost_eur:.2f} EUR")
         return ticket, created
 
     def _flush(self) -> None:

@@ -27,9 +27,9 @@ from typing import Any
 import pykka
 
 from actors.cp_state import CpState, derive_state
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 from transport import protocol
 from transport.link import FrameIn, LinkDown, LinkUp, Send
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 
 log = logging.getLogger("evcharging.monitor")
 
@@ -220,7 +220,7 @@ class MonitorActor(SupervisedActor):
 
     def _on_link_down(self, link: pykka.ActorRef[Any], peer: str, reason: str) -> None:
         side = self._side_of(link)
-        if side is None or self._links[side] is None or self._links[side].actor_urn != link.actor_urn:
+        if side is None:  # _side_of matched it against our current links
             return  # an old link's late goodbye
         self._links[side] = None
         if side == ENGINE:
@@ -240,7 +240,7 @@ class MonitorActor(SupervisedActor):
             log.warning("%s: lost Central (%s) — %s", self.cp_id, reason,
                         "the CP accepts no new supply until it is back" if was else "not registered")
 
-    def _send(self, side: str, message: Any) -> bool:
+    def _send(self, side: str, message: protocol.Message) -> bool:
         return tell(self._links[side], Send(message))
 
     # --- registration ---------------------------------------------------------------
@@ -322,9 +322,9 @@ class MonitorActor(SupervisedActor):
             self._heartbeat()  # the first life message waited for this
 
     def _report_fault(self, reason: str) -> None:
-        if self.registered and not self._fault_reported:
-            if self._send(CENTRAL, protocol.FaultNotification(cp_id=self.cp_id, reason=reason)):
-                self._fault_reported = True
+        if (self.registered and not self._fault_reported
+                and self._send(CENTRAL, protocol.FaultNotification(cp_id=self.cp_id, reason=reason))):
+            self._fault_reported = True
 
     # --- life message --------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -339,9 +339,9 @@ class MonitorActor(SupervisedActor):
         ))
 
     # --- relaying ---------------------------------------------------------------------------
-    def _from_engine(self, link: pykka.ActorRef[Any], msg: Any) -> None:
+    def _from_engine(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
         match msg:
-            case protocol.HealthStatus(seq, ok):
+            case protocol.HealthStatus(ok=ok):
                 self._last_answer = time.monotonic()
                 self._set_engine_ok(ok, "the Engine reports a fault (KO)")
             case protocol.FaultNotification(reason=reason):
@@ -375,7 +375,7 @@ class MonitorActor(SupervisedActor):
             case _:
                 log.warning("%s: ignoring a %s from the Engine", self.cp_id, msg.TYPE)
 
-    def _from_central(self, link: pykka.ActorRef[Any], msg: Any) -> None:
+    def _from_central(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
         match msg:
             case protocol.RegisterResponse():
                 self._on_register_response(link, msg)
@@ -410,11 +410,11 @@ class MonitorActor(SupervisedActor):
             return f"{self.cp_id} is out of order (its Engine is KO)"
         return None
 
-    def _to_central(self, msg: Any) -> None:
+    def _to_central(self, msg: protocol.Message) -> None:
         if not self.registered or not self._send(CENTRAL, msg):
             log.info("%s: Central is unavailable; %s not relayed", self.cp_id, msg.TYPE)
 
-    def _to_engine(self, msg: Any) -> None:
+    def _to_engine(self, msg: protocol.Message) -> None:
         if not self._send(ENGINE, msg):
             log.warning("%s: the Engine is not connected; %s not relayed", self.cp_id, msg.TYPE)
 

@@ -93,7 +93,8 @@ def _tile(t: CpTile) -> Panel:
     return Panel(Group(*lines), title=Text(t.cp_id, style="bold"), style=style, width=27)
 
 
-ATTENTION = {"BROKEN": 0, "DISCONNECTED": 1, "STOPPED": 2, "SUPPLYING": 3, "ACTIVE": 4}  # sort is stable: ids stay in order
+# Tile order, most urgent first (the sort is stable: ids stay in order).
+ATTENTION = {"BROKEN": 0, "DISCONNECTED": 1, "STOPPED": 2, "SUPPLYING": 3, "ACTIVE": 4}
 TILE_WIDTH, TILE_HEIGHT = 27, 9  # a SUPPLYING tile: 7 lines of text and its border
 LIVE_ROWS = 8  # request rows the live panel shows (the newest)
 

@@ -21,10 +21,11 @@ from typing import Any
 import pykka
 
 from actors.messages import BillOrphan, ProgressBatch, Ready, RouterStats, SessionBilled, SessionProgress, Telemetry
-from actors.session import ticket_message
-from transport import protocol
-from transport.kafka import Delivery, Publish
 from actors.runtime import Directory, SupervisedActor, Supervision
+from actors.session import ticket_message
+from persistence import TicketRecord
+from transport import protocol
+from transport.kafka import Delivery, Inbound, Publish
 
 log = logging.getLogger("evcharging.central.router")
 
@@ -32,7 +33,8 @@ log = logging.getLogger("evcharging.central.router")
 class SessionRouter(SupervisedActor):
     """See the module docstring."""
 
-    def __init__(self, directory: Directory, *, ask_timeout: float = 30.0, supervision: Supervision | None = None) -> None:
+    def __init__(self, directory: Directory, *, ask_timeout: float = 30.0,
+                 supervision: Supervision | None = None) -> None:
         super().__init__(supervision=supervision)
         self.directory = directory
         self.ask_timeout = ask_timeout
@@ -48,18 +50,18 @@ class SessionRouter(SupervisedActor):
                 return dict(self.stats)
         return None
 
-    def _route(self, items: tuple[Any, ...]) -> None:
+    def _route(self, items: tuple[Inbound, ...]) -> None:
         if not self._central_ready:
             central = self.directory.get("central")
             if central is None:
                 raise RuntimeError("Central is not running yet; the records will be redelivered")
             central.ask(Ready(), timeout=self.ask_timeout)  # sessions reloaded before we route
             self._central_ready = True
-        waiting: list[tuple[Any, pykka.Future[Any]]] = []
+        waiting: list[tuple[protocol.ChargeCompletion, pykka.Future[Any]]] = []
         telemetry: dict[str, list[protocol.ChargingData]] = {}
         for item in items:
             msg = item.message
-            if item.error is not None:
+            if msg is None:  # undecodable: item.error says why
                 self.stats["bad"] += 1
                 log.warning("Ignored a bad record on %s (key %s): %s", item.topic, item.key, item.error)
                 continue
@@ -103,7 +105,7 @@ class SessionRouter(SupervisedActor):
         ledger = self.directory.get("ledger")
         if ledger is None:
             raise RuntimeError("the ledger is not running; the completion will be redelivered")
-        result = ledger.ask(BillOrphan(c), timeout=self.ask_timeout)
+        result: tuple[TicketRecord, bool] | None = ledger.ask(BillOrphan(c), block=True, timeout=self.ask_timeout)
         if result is None:
             return
         ticket, created = result

@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from types import TracebackType
+from typing import Any
 
 import pykka
 import tenacity
@@ -84,7 +86,8 @@ class SupervisedActor(pykka.ThreadingActor):
         self._teardown_once()
         self._notify_supervisor(None)
 
-    def on_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+    def on_failure(self, exc_type: type[BaseException] | None, exc_value: BaseException | None,
+                   tb: TracebackType | None) -> None:
         self._teardown_once()
         self._notify_supervisor(exc_value)
 

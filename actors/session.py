@@ -14,10 +14,10 @@ import logging
 from typing import Any
 
 from actors.messages import Bill, Checkpoint, LoadSession, SessionBilled, SessionStats, SupplyFinished, Telemetry
+from actors.runtime import Directory, SupervisedActor, Supervision
 from persistence import LIVE_STATUSES, SessionRecord, TicketRecord
 from transport import protocol
 from transport.kafka import Publish
-from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.central.session")
 
@@ -52,7 +52,8 @@ class SessionActor(SupervisedActor):
             return
         ledger = self.directory.get("ledger")
         try:
-            record = ledger.ask(LoadSession(self.record.session_id), timeout=10) if ledger else None
+            record: SessionRecord | None = (ledger.ask(LoadSession(self.record.session_id), block=True, timeout=10)
+                                            if ledger else None)
         except Exception as exc:  # the ledger is restarting: keep the figures we were started with
             log.warning("Session %s restarted without its stored figures: %s", self.record.session_id, exc)
             return
@@ -87,7 +88,8 @@ class SessionActor(SupervisedActor):
                 self.duplicates += 1
                 continue
             newest = data
-            self.last_seq, self.energy_kwh, self.cost_eur, self.power_kw = data.seq, data.energy_kwh, data.cost_eur, data.power_kw
+            self.last_seq, self.energy_kwh, self.cost_eur = data.seq, data.energy_kwh, data.cost_eur
+            self.power_kw = data.power_kw
         if newest is None:
             return
         r, data = self.record, newest
@@ -105,8 +107,10 @@ class SessionActor(SupervisedActor):
             central, ledger = self.directory.get("central"), self.directory.get("ledger")
             if ledger is None:
                 raise RuntimeError("the ledger is not running; the completion will be redelivered")
-            cp_state = central.ask(SupplyFinished(r.cp_id, r.session_id), timeout=10) if central else None
-            ticket, created = ledger.ask(Bill(c, cp_state), timeout=30)
+            cp_state: str | None = (central.ask(SupplyFinished(r.cp_id, r.session_id), block=True, timeout=10)
+                                    if central else None)
+            answer: tuple[TicketRecord, bool] = ledger.ask(Bill(c, cp_state), block=True, timeout=30)
+            ticket, created = answer
             self.billed = ticket
             if created:
                 log.info("Ticket for %s at %s: %.3f kWh, %.2f € (%s), driver %s",

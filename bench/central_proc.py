@@ -94,13 +94,13 @@ def make_probe(t0: float) -> type:
                             self.lags.append(lag)
                             self.lag_times.append(now)
                             self.recent.append((now, lag))
-                    self.recent = [(t, l) for t, l in self.recent if now - t <= 2.0]
+                    self.recent = [(t, lag) for t, lag in self.recent if now - t <= 2.0]
             elif isinstance(message, ProbeWindow):
                 with self.lock:
                     return self.window()
             elif isinstance(message, ProbeLag):  # median lag over the last 2 s (the parent waits for it to settle)
                 with self.lock:
-                    return pct([l for t, l in self.recent if time.time() - t <= 2.0], 50)
+                    return pct([lag for t, lag in self.recent if time.time() - t <= 2.0], 50)
             elif isinstance(message, ProbeMark):
                 with self.lock:
                     self.reset()
@@ -112,8 +112,8 @@ def make_probe(t0: float) -> type:
             for s in self.last_state.values():
                 states[s] = states.get(s, 0) + 1
             # does Central keep up? the median lag of the first and of the last 5 s of the window
-            first = [l for l, t in zip(self.lags, self.lag_times) if t - self.lag_times[0] <= 5] if self.lags else []
-            last = [l for l, t in zip(self.lags, self.lag_times) if self.lag_times[-1] - t <= 5] if self.lags else []
+            first = [lag for lag, t in zip(self.lags, self.lag_times) if t - self.lag_times[0] <= 5] if self.lags else []
+            last = [lag for lag, t in zip(self.lags, self.lag_times) if self.lag_times[-1] - t <= 5] if self.lags else []
             return {"lag_samples": len(self.lags), "lag_p50_first5_s": pct(first, 50), "lag_p50_last5_s": pct(last, 50), "lag_p50_s": pct(self.lags, 50), "lag_p95_s": pct(self.lags, 95),
                     "lag_p99_s": pct(self.lags, 99), "lag_max_s": max(self.lags) if self.lags else float("nan"),
                     "snapshots": self.snapshots, "snapshot_max_gap_s": self.max_gap,

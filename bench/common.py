@@ -16,9 +16,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # python bench/x.py as well as python -m bench.x
@@ -98,9 +99,9 @@ def render_table(rows: Iterable[Row]) -> str:
     for r in rows:
         met = "—" if r.met is None else ("yes" if r.met else "NO")
         lines.append((r.figure, fmt(r.value, r.unit), fmt(r.baseline, r.unit), fmt(r.ratio), r.target or "—", met))
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [max(len(h), *(len(row[i]) for row in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
-    out += [" | ".join(c.ljust(w) for c, w in zip(l, widths)) for l in lines]
+    out += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
     return "\n".join(out)
 
 

@@ -31,8 +31,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (LOOPBACK, Report, Row, cpu_by_kind, machine, proc_cpu_seconds, quiet_logging, run_dir,
-                          start_broker, thread_cpu, thread_names, topics, wait_until)
+from bench.common import (
+    LOOPBACK,
+    Report,
+    Row,
+    cpu_by_kind,
+    machine,
+    proc_cpu_seconds,
+    quiet_logging,
+    run_dir,
+    start_broker,
+    thread_cpu,
+    thread_names,
+    topics,
+    wait_until,
+)
 
 TARGET_RATE = 10_000.0
 TARGET_RATIO = 0.5

@@ -30,11 +30,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bench.common import (LOOPBACK, Report, Row, bench_env, machine, python_module_cmd, quiet_logging, run_dir,
-                          start_broker, summary, topics)
+from bench.common import (
+    LOOPBACK,
+    Report,
+    Row,
+    bench_env,
+    machine,
+    python_module_cmd,
+    quiet_logging,
+    run_dir,
+    start_broker,
+    summary,
+    topics,
+)
 
 TARGET_LIST_P95_MS = 20.0
 
@@ -209,7 +221,7 @@ def run_echo(settings: Any, rd: Path, n: int, warmup: int, cps: int) -> tuple[li
                   rd / "echo.stderr")
     client = None
     try:
-        if child.expect(lambda l: l == "ready", 60) is None:
+        if child.expect(lambda line: line == "ready", 60) is None:
             raise RuntimeError("the echo service did not join its group")
         client = DriverClient(settings, ["echo-d"])
         return list_requests(client, "echo-d", n, warmup)

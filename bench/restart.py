@@ -39,11 +39,23 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bench.common import (LOOPBACK, Report, Row, bench_env, machine, python_module_cmd, quiet_logging, run_dir,
-                          start_broker, summary, topics)
+from bench.common import (
+    LOOPBACK,
+    Report,
+    Row,
+    bench_env,
+    machine,
+    python_module_cmd,
+    quiet_logging,
+    run_dir,
+    start_broker,
+    summary,
+    topics,
+)
 
 TARGET_RESTART_P95_MS = 250.0
 TARGET_KO_S = 2.0

@@ -37,8 +37,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (LOOPBACK, Report, Row, cpu_by_kind, machine, proc_cpu_seconds, proc_status,
-                          python_module_cmd, quiet_logging, run_dir, start_broker, thread_cpu, topics)
+from bench.common import (
+    LOOPBACK,
+    Report,
+    Row,
+    cpu_by_kind,
+    machine,
+    proc_cpu_seconds,
+    proc_status,
+    python_module_cmd,
+    quiet_logging,
+    run_dir,
+    start_broker,
+    thread_cpu,
+    topics,
+)
 from bench.procs import Child
 from bench.simcp import seeded_session
 
@@ -69,7 +82,7 @@ def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_time
         rd / f"central-{n}.stderr")
     sim = None
     try:
-        ready = central.expect(lambda l: l.startswith("ready "), 60)
+        ready = central.expect(lambda line: line.startswith("ready "), 60)
         if ready is None:
             raise RuntimeError(f"Central did not start (see {rd / f'central-{n}.log'})")
         port = int(ready.split()[1])
@@ -92,7 +105,7 @@ def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_time
         time.sleep(3.0)
         while time.monotonic() - settle_start < settle_max:
             central.send("lag")
-            line = central.expect(lambda l: l.startswith("lag "), 10)
+            line = central.expect(lambda line: line.startswith("lag "), 10)
             lag = float(line.split()[1]) if line else float("nan")
             calm = calm + 1 if lag < 0.6 else 0
             if calm >= 2:
@@ -102,8 +115,8 @@ def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_time
         out["settled"] = calm >= 2
         central.send("mark")
         sim.send("mark")
-        central.expect(lambda l: l == "marked", 10)
-        sim.expect(lambda l: '"marked"' in l, 10)
+        central.expect(lambda line: line == "marked", 10)
+        sim.expect(lambda line: '"marked"' in line, 10)
         threads0 = thread_cpu(central.pid)
         cpu0, sim_cpu0, broker_cpu0 = (proc_cpu_seconds(central.pid), proc_cpu_seconds(sim.pid),
                                        proc_cpu_seconds(broker.pid))
@@ -121,8 +134,8 @@ def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_time
         threads1 = thread_cpu(central.pid)
         central.send(f"dump {rd / f'panel-{n}.json'}")
         sim.send(f"dump {rd / f'sim-{n}.json'}")
-        central.expect(lambda l: l == "dumped", 15)
-        sim.expect(lambda l: '"dumped"' in l, 15)
+        central.expect(lambda line: line == "dumped", 15)
+        sim.expect(lambda line: '"dumped"' in line, 15)
         panel = json.loads((rd / f"panel-{n}.json").read_text())
         names = {int(k): v for k, v in panel.pop("thread_names").items()}
         by_kind = cpu_by_kind(threads0, threads1, names, cpu)

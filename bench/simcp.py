@@ -42,8 +42,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import LOOPBACK, pct
 from transport import framing, protocol
@@ -134,7 +135,7 @@ class Fleet:
         self.window_ack_timeouts = 0
 
     # --- control from other threads ---------------------------------------------------
-    def start(self) -> "Fleet":
+    def start(self) -> Fleet:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread.start()
         return self
@@ -235,14 +236,14 @@ class Fleet:
                 self._queue(cp, "hb", cp.hb_frame)
             cp.hb_due = due + self.heartbeat_interval
             self._timer(cp.hb_due, cp, "hb")
-        elif kind == "ack":
-            if cp.in_flight is not None and cp.phase == "open" and now - cp.in_flight_at >= self.ack_timeout - 1e-3:
-                self.totals["ack_timeouts"] += 1
-                self.window_ack_timeouts += 1
-                if cp.attempts > 3:
-                    self._close(cp, "no ACK after 4 attempts")
-                else:
-                    self._transmit(cp)
+        elif (kind == "ack" and cp.in_flight is not None and cp.phase == "open"
+              and now - cp.in_flight_at >= self.ack_timeout - 1e-3):
+            self.totals["ack_timeouts"] += 1
+            self.window_ack_timeouts += 1
+            if cp.attempts > 3:
+                self._close(cp, "no ACK after 4 attempts")
+            else:
+                self._transmit(cp)
 
     def _connect(self, cp: SimCP) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -437,7 +438,7 @@ class Telemetry:
         self.late = 0  # records sent > 0.25 s after due: the simulator was late
         self.errors = 0
 
-    def start(self) -> "Telemetry":
+    def start(self) -> Telemetry:
         self._thread.start()
         return self
 
@@ -506,7 +507,7 @@ class Answers:
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="answers", daemon=True)
 
-    def start(self) -> "Answers":
+    def start(self) -> Answers:
         self._thread.start()
         return self
 
@@ -558,7 +559,7 @@ class FakeEngine:
         self._thread = threading.Thread(target=self._run, name="fake-engine", daemon=True)
         self.checks = 0
 
-    def start(self) -> "FakeEngine":
+    def start(self) -> FakeEngine:
         self._thread.start()
         return self
 
@@ -692,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             done = threading.Event()
             box: dict[str, Any] = {}
 
-            def grab() -> None:
+            def grab(box: dict[str, Any] = box, done: threading.Event = done) -> None:  # this command's, if late
                 box.update(fleet.window())
                 done.set()
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Self
 
 from persistence.errors import NestedTransactionError, PersistenceError, SchemaTooNew
 
@@ -323,7 +323,7 @@ class SqliteStore:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, *, durable: bool = False, clock: Callable[[], float] = time.time):
+    def open(cls, path: str | Path, *, durable: bool = False, clock: Callable[[], float] = time.time) -> Self:
         """Open (creating and migrating if needed) the database at ``path``."""
         return cls(path, durable=durable, clock=clock)
 
@@ -343,7 +343,7 @@ class SqliteStore:
             pass
         self._conn.close()  # later use raises sqlite3.ProgrammingError
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -70,7 +70,8 @@ class Repository(SqliteStore):
     # ------------------------------------------------------------------ helpers
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple[Any, ...] | None:
-        return self._conn.execute(sql, tuple(params)).fetchone()
+        row: tuple[Any, ...] | None = self._conn.execute(sql, tuple(params)).fetchone()
+        return row
 
     def _session(self, session_id: str) -> SessionRecord | None:
         row = self._one(f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,))

@@ -39,6 +39,7 @@ from actors.console import ConsoleReader
 from actors.ledger import LedgerActor
 from actors.panel import PanelActor
 from actors.router import SessionRouter
+from actors.runtime import Directory
 from persistence import Repository
 from supervisors import options as opt
 from supervisors.logs import setup_logging
@@ -49,7 +50,6 @@ from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
 from transport.listener import Listener
-from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.central")
 
@@ -121,7 +121,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     central_cfg = config.central_config
     core = [
         ChildSpec("sessions", Supervisor, ("sessions",), {"directory": directory}),
-        ChildSpec("central", CentralActor, (central_cfg, directory, spawner_by_name(directory, "sessions", restart="transient"))),
+        ChildSpec("central", CentralActor,
+                  (central_cfg, directory, spawner_by_name(directory, "sessions", restart="transient"))),
         ChildSpec("requests-pump", ConsumerPump, (settings, ("driver_requests",), "central", directory),
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
         ChildSpec("router", SessionRouter, (directory,)),
@@ -196,8 +197,8 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, IndexError) as exc:
             log.error("Cannot load the CP seed file %s: %s", args.seed, exc)
             return 2
-    return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central", lambda s: _ready_line(s, config),
-                            log)
+    return run_until_signal(lambda: start_central(config), RunningSystem.stop, "Central",
+                            lambda s: _ready_line(s, config), log)
 
 
 READY = "Central is ready"  # the launcher waits for this line before starting drivers

@@ -41,6 +41,7 @@ from actors.console import ConsoleReader
 from actors.driver import DriverActor
 from actors.driver_console import DriverConsole
 from actors.driver_services import ServicesProgressStore, ServicesRunner
+from actors.runtime import Directory
 from supervisors import options
 from supervisors.logs import setup_logging
 from supervisors.settings import add_process_flags, from_args, inherit, internal, setting
@@ -50,7 +51,6 @@ from supervisors.system import RunningSystem, start_system
 from transport import protocol
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
-from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.driver")
 
@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
         log.error("Cannot start the driver: %s", exc)
         return 2
     except Exception as exc:  # never a traceback on the terminal (the log file keeps it)
-        log.error("The driver app failed: %s", exc, exc_info=True)
+        log.exception("The driver app failed: %s", exc)
         return 1
     finally:
         if system is not None:

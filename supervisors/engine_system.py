@@ -18,10 +18,11 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TextIO
 
 from actors.console import ConsoleReader
 from actors.engine import EngineActor, EngineOptions, ShutdownSupply
+from actors.runtime import Directory
 from supervisors import options as opts
 from supervisors.logs import setup_logging
 from supervisors.settings import add_process_flags, from_args, inherit, internal, pick, setting
@@ -31,7 +32,6 @@ from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import KafkaSettings
 from transport.kafka import Publisher
 from transport.listener import Listener, ListenerPort
-from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.engine")
 

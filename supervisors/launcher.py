@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from persistence import Repository
+from supervisors import options as opt
 from supervisors.central_system import READY as CENTRAL_READY
 from supervisors.central_system import CentralSystemConfig
 from supervisors.driver_system import DriverConfig
 from supervisors.engine_system import EngineConfig
-from supervisors import options as opt
 from supervisors.logs import setup_logging
 from supervisors.settings import add_arguments, from_args, inherit, internal, setting
 from transport.broker import BrokerUnavailable, KafkaSettings, LocalBroker, ensure_topics, free_port, wait_for_port
@@ -47,8 +47,7 @@ CITIES = [
 def cp_catalogue(n: int) -> list[tuple[str, str, float]]:
     """``n`` CPs: the demo cities first, then numbered ones."""
     out = list(CITIES[:n])
-    for i in range(len(out), n):
-        out.append((f"CP{i + 1:03d}", f"Site {i + 1}", 0.30 + (i % 7) * 0.01))
+    out.extend((f"CP{i + 1:03d}", f"Site {i + 1}", 0.30 + (i % 7) * 0.01) for i in range(len(out), n))
     return out
 
 
@@ -89,7 +88,7 @@ class NetworkSpec:
     monitor_engine: dict[str, str] = internal(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Engine
     component_broker: dict[str, str] = internal(default_factory=dict)  # "engine:MAD1", "central", ... -> bootstrap
 
-    def resolve(self) -> "NetworkSpec":
+    def resolve(self) -> NetworkSpec:
         """Fill in what depends on the moment (run_dir: run/<time>; panel auto: rich on a terminal); returns self."""
         if self.run_dir is None:
             self.run_dir = Path("run") / time.strftime("%Y%m%d-%H%M%S")
@@ -131,7 +130,7 @@ class Network:
         self._central_log_offset = 0  # where the current Central run starts in its detail log
 
     # --- lifecycle --------------------------------------------------------------
-    def start(self, with_drivers: bool = True) -> "Network":
+    def start(self, with_drivers: bool = True) -> Network:
         if not self.bootstrap:
             self.broker = LocalBroker(host=self.spec.host, port=self.spec.broker_port,
                                       advertised_port=self.spec.broker_advertised_port,
@@ -171,7 +170,7 @@ class Network:
         if self.broker is not None:
             self.broker.stop()
 
-    def __enter__(self) -> "Network":
+    def __enter__(self) -> Network:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -273,7 +272,7 @@ class Network:
         if old and old.popen and old.popen.poll() is None:
             raise RuntimeError(f"{name} is already running (pid {old.popen.pid})")
         log_path = self.run_dir / f"{name.replace(':', '-')}.log"
-        log_file = open(log_path, "ab")
+        log_file = open(log_path, "ab")  # noqa: SIM115 -- the child's output while it runs; closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if inherit_stdout else log_file,
                                  stderr=log_file, env=env)

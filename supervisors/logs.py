@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TextIO
 
 
 class SentenceFormatter(logging.Formatter):
@@ -35,7 +36,7 @@ class _OnlyOurs(logging.Filter):
 
 
 def setup_logging(component: str, ident: str = "", *, log_file: str | Path | None = None,
-                  level: str = "INFO", console: bool = True, stream=None) -> None:
+                  level: str = "INFO", console: bool = True, stream: TextIO | None = None) -> None:
     """Configure the root logger for one program (call once, in main)."""
     tag = f"{component}[{ident}]" if ident else component
     root = logging.getLogger()
@@ -67,7 +68,7 @@ def _route_stray_exceptions() -> None:
 
     stray = logging.getLogger("evcharging.errors")
 
-    def unraisable(u: "sys.UnraisableHookArgs") -> None:
+    def unraisable(u: sys.UnraisableHookArgs) -> None:
         if u.exc_value is not None:
             stray.warning("Ignored an error while cleaning up %s: %s", getattr(u.object, "__qualname__", u.object),
                           u.exc_value, exc_info=(u.exc_type, u.exc_value, u.exc_traceback))
@@ -77,7 +78,7 @@ def _route_stray_exceptions() -> None:
             return
         name = a.thread.name if a.thread else "?"
         stray.error("A background thread (%s) failed: %s", name, a.exc_value,
-                    exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+                    exc_info=a.exc_value)  # the exception carries its traceback
 
     sys.unraisablehook = unraisable
     threading.excepthook = thread_hook

@@ -20,15 +20,14 @@ import sys
 from dataclasses import dataclass
 
 from actors.monitor import MonitorActor, MonitorOptions
-from supervisors.system import run_until_signal
+from actors.runtime import Directory
 from supervisors.logs import setup_logging
 from supervisors.settings import add_process_flags, from_args, inherit, internal, pick, setting
 from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec
-from supervisors.system import RunningSystem, start_system
+from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.client_link import ClientLink
 from transport.link import LinkOptions
-from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.monitor")
 

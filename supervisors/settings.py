@@ -22,17 +22,21 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from supervisors import options as opts
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["Setting", "setting", "inherit", "internal", "default_of", "build_parser", "add_arguments", "from_args",
            "add_process_flags", "arguments", "Argument", "pick"]
 
 KEY = "evcharging.setting"
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 SAME: Any = "<the API's default>"  # Setting.cli_default when the command line's default is the field's
 
 
@@ -59,7 +63,7 @@ def setting(default: Any = MISSING, *, help: str = "", flag: str | None = None, 
     return dataclasses.field(default=default, metadata=meta)
 
 
-def inherit(source: Any, name: str, **kwargs: Any) -> Any:
+def inherit(source: type, name: str, **kwargs: Any) -> Any:
     """A :func:`setting` whose default is the one ``source`` gives ``name`` (see :func:`default_of`)."""
     return setting(default_of(source, name), **kwargs)
 
@@ -69,7 +73,7 @@ def internal(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
     return dataclasses.field(default=default, default_factory=default_factory, metadata={KEY: None})
 
 
-def default_of(source: Any, name: str) -> Any:
+def default_of(source: type, name: str) -> Any:
     """The default of field ``name`` of a dataclass, or of keyword ``name`` of a class's constructor."""
     if dataclasses.is_dataclass(source):
         f = next((f for f in dataclasses.fields(source) if f.name == name), None)
@@ -80,8 +84,7 @@ def default_of(source: Any, name: str) -> Any:
         if f.default_factory is not MISSING:
             return f.default_factory()
         raise TypeError(f"{source.__name__}.{name} has no default")
-    target = source.__init__ if isinstance(source, type) else source
-    default = inspect.signature(target).parameters[name].default
+    default = inspect.signature(source).parameters[name].default  # a class's signature is its constructor's
     if default is inspect.Parameter.empty:
         raise TypeError(f"{source!r}: {name} has no default")
     return default
@@ -117,12 +120,13 @@ def arguments(cls: type) -> list[Argument]:
         if s is None:
             continue
         if s.address:
-            if s.address not in pending:
-                pending[s.address] = f
+            address = s.address  # the host field's setting, taken below, has the same one
+            if address not in pending:
+                pending[address] = f
                 continue
-            host = pending.pop(s.address)
+            host = pending.pop(address)
             s = host.metadata[KEY]
-            name = s.address if s.positional else (s.flag or "--" + s.address.replace("_", "-"))
+            name = address if s.positional else (s.flag or "--" + address.replace("_", "-"))
             out.append(Argument((host, f), s, name, _dest(name), opts.host_port,
                                 f"{_api_default(host)}:{_api_default(f)}"))
             continue

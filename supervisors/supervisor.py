@@ -30,10 +30,12 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import pykka
+
 from actors.runtime import ChildExited, Directory, SupervisedActor, Supervision, backoff_strategy, schedule
 
 log = logging.getLogger("evcharging.supervisor")
@@ -204,7 +206,8 @@ class Supervisor(SupervisedActor):
         try:
             ref.stop(block=True, timeout=child.spec.shutdown_timeout)
         except pykka.Timeout:
-            log.warning("%s: child %r did not stop within %.0f s", self.name, child.spec.name, child.spec.shutdown_timeout)
+            log.warning("%s: child %r did not stop within %.0f s", self.name, child.spec.name,
+                        child.spec.shutdown_timeout)
         except pykka.ActorDeadError:
             pass
 
@@ -262,7 +265,7 @@ class Supervisor(SupervisedActor):
         if self.strategy == "one_for_one":
             return [children[index]]
         others = children[index + 1:] if self.strategy == "rest_for_one" else children[:index] + children[index + 1:]
-        return [children[index]] + others
+        return [children[index], *others]
 
     def _on_restart_due(self, incident: int) -> None:
         names = self._incidents.pop(incident, [])
@@ -367,7 +370,7 @@ def start_tree(
 
 def _wait_started(ref: pykka.ActorRef[Supervisor], directory: Directory | None, timeout: float = 30) -> None:
     """Return once ``ref`` and every supervisor below it have started their children."""
-    names = ref.ask(WhichChildren(), timeout=timeout)
+    names: dict[str, tuple[int, bool]] = ref.ask(WhichChildren(), block=True, timeout=timeout)
     if directory is None:
         return
     for name in names:

@@ -10,14 +10,15 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pykka
 
+from actors.runtime import Directory
 from supervisors.supervisor import ChildSpec, Supervisor, start_tree
 from transport.kafka import ConsumerPump, wait_ready
-from actors.runtime import Directory
 
 log = logging.getLogger("evcharging.system")
 
@@ -81,14 +82,15 @@ class RunningSystem:
         """Block until the system stops by itself (escalation); True if it did."""
         return self.escalated.wait(timeout)
 
-    def __enter__(self) -> "RunningSystem":
+    def __enter__(self) -> RunningSystem:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def start_system(name: str, children: list[ChildSpec], directory: Directory | None = None, **options: Any) -> RunningSystem:
+def start_system(name: str, children: list[ChildSpec], directory: Directory | None = None,
+                 **options: Any) -> RunningSystem:
     """Start ``children`` under one top supervisor named ``name``."""
     directory = directory if directory is not None else Directory()
     holder: dict[str, RunningSystem] = {}

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pykka
 import pytest
+
+if TYPE_CHECKING:
+    from transport.broker import KafkaSettings, LocalBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -63,7 +66,7 @@ def stop_at_end() -> Iterator[Callable[[Any], Any]]:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalBroker"]:
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """One real Tansu broker for the whole run (or EVCHARGING_TEST_BROKER=host:port)."""
     from transport.broker import LocalBroker
 
@@ -75,7 +78,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalBroker"]:
 
 
 @pytest.fixture
-def kafka_settings(broker: "LocalBroker", request: pytest.FixtureRequest) -> "KafkaSettings":
+def kafka_settings(broker: LocalBroker, request: pytest.FixtureRequest) -> KafkaSettings:
     """Settings with a topic prefix unique to the test, topics created."""
     import uuid
 
@@ -87,7 +90,7 @@ def kafka_settings(broker: "LocalBroker", request: pytest.FixtureRequest) -> "Ka
     return settings
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """Print the fault matrix (tests/fault_matrix.py) when any scenario recorded a row."""
     from tests import fault_matrix
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from tests.frame_client import FrameClient
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings
-from tests.frame_client import FrameClient
 
 
 class FakeMonitor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROWS: list["Row"] = []
+ROWS: list[Row] = []
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,6 @@ def render() -> str:
     head = ("scenario", "started", "tickets", "expected", "lost", "double-billed", "recover s")
     rows = [(r.scenario, str(r.supplies_started), str(r.tickets_issued), str(r.tickets_expected), str(r.lost),
              str(r.double_billed), "-" if r.recover_s is None else f"{r.recover_s:.2f}") for r in ROWS]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])

@@ -42,9 +42,10 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from transport import framing, protocol
 
@@ -133,7 +134,7 @@ class TcpProxy:
     def address(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
 
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((self.listen_host, self.listen_port))
@@ -154,7 +155,7 @@ class TcpProxy:
         self._drop_all()
         self._release_parked()
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +219,7 @@ class TcpProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -305,7 +306,7 @@ class SocketReport:
     closed_by_peer: int = 0
     bytes_sent: int = 0
 
-    def add(self, other: "SocketReport") -> None:
+    def add(self, other: SocketReport) -> None:
         for name in ("connections", "handshakes_ok", "refused", "acks", "nacks", "error_replies",
                      "closed_by_peer", "bytes_sent"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -342,7 +343,7 @@ def _drain_answers(sock: socket.socket, report: SocketReport, expect: int, timeo
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             break
         except OSError:
             report.closed_by_peer += 1
@@ -501,7 +502,7 @@ class HalfFrames:
         self.socks: list[socket.socket] = []
         self.report = SocketReport("half frames then silence")
 
-    def __enter__(self) -> "HalfFrames":
+    def __enter__(self) -> HalfFrames:
         half = protocol.encode(protocol.Heartbeat(cp_id="HALF", engine_ok=True))[:20]
         for _ in range(self.count):
             try:
@@ -620,7 +621,7 @@ class Hammer:
     churn) until :meth:`stop` or ``max_rounds``.
     """
 
-    def __init__(self, host: str, ports: dict[int, int], *, tool: "TopicTool | None" = None,
+    def __init__(self, host: str, ports: dict[int, int], *, tool: TopicTool | None = None,
                  topic_keys: Iterable[str] = ("garbage",), churn_slice: int = 250, min_rounds: int = 1,
                  max_rounds: int = 40) -> None:
         self.host = host
@@ -631,14 +632,14 @@ class Hammer:
         self.min_rounds = min_rounds
         self.max_rounds = max_rounds
         self.reports: list[SocketReport] = []
-        self.churned: dict[int, int] = {p: 0 for p in self.ports}
+        self.churned: dict[int, int] = dict.fromkeys(self.ports, 0)
         self.records = 0
         self.rounds = 0
         self.error: BaseException | None = None
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hammer", daemon=True)
 
-    def __enter__(self) -> "Hammer":
+    def __enter__(self) -> Hammer:
         self._thread.start()
         return self
 
@@ -753,7 +754,7 @@ class TopicTool:
     def close(self) -> None:
         self.producer.close(2)
 
-    def __enter__(self) -> "TopicTool":
+    def __enter__(self) -> TopicTool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -884,7 +885,7 @@ class Echo:
         self._mine: set[str] = set()  # message ids we produced (never echoed again)
         self.error: BaseException | None = None
 
-    def __enter__(self) -> "Echo":
+    def __enter__(self) -> Echo:
         self._thread.start()
         if not self._ready.wait(15):
             raise AssertionError("the echo consumer did not get its partitions within 15 s")

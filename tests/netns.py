@@ -164,7 +164,7 @@ class Lab:
         return f"{self.subnet}.{self.hosts.index(host) + 1}"
 
     # --- building -----------------------------------------------------------------
-    def up(self) -> "Lab":
+    def up(self) -> Lab:
         clean_stale()
         try:
             self._add_ns(self.switch)
@@ -200,7 +200,7 @@ class Lab:
         if old is not None and old.alive():
             raise RuntimeError(f"{name} is already running in {host}")
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "ab")
+        log_file = open(log_path, "ab")  # noqa: SIM115 -- the process's output while it runs; closed in stop()
         cmd = self.command(host, argv)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -269,7 +269,7 @@ class Lab:
             _kill_namespace(ns)
         self._made.clear()
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:

@@ -60,7 +60,8 @@ def active_monitor(central, cp: str) -> FakeMonitor:
 
 def charge(central, driver: str, cp: str) -> str:
     corr = uuid.uuid4().hex
-    central.peer.send("driver_requests", driver, protocol.ChargeRequest(driver_id=driver, cp_id=cp, correlation_id=corr))
+    central.peer.send("driver_requests", driver,
+                      protocol.ChargeRequest(driver_id=driver, cp_id=cp, correlation_id=corr))
     return corr
 
 
@@ -173,7 +174,8 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
                what="the supply in the panel's requests table")
     for seq in (1, 2, 2, 3, 1):  # duplicates and a late one
         peer.send("charging_session_data", "MAD1", protocol.ChargingData(
-            cp_id="MAD1", session_id=sid, driver_id="d1", seq=seq, energy_kwh=seq * 0.5, cost_eur=seq * 0.2, power_kw=7.4))
+            cp_id="MAD1", session_id=sid, driver_id="d1", seq=seq, energy_kwh=seq * 0.5, cost_eur=seq * 0.2,
+            power_kw=7.4))
     # The driver sees the meter move forward only: duplicates and the late one are dropped, and
     # readings that arrive in one poll are sent as the newest one (so 1, 2, 3 or 1, 3 or just 3).
     peer.wait_for(protocol.ChargingStatusUpdate, lambda u: u.session_id == sid and u.seq == 3)
@@ -274,7 +276,7 @@ def test_live_panel_with_a_thousand_cps_draws_what_fits_faults_first() -> None:
     from actors.panel import CpTile, PanelActor, PanelSnapshot, render, tiles_that_fit
 
     tiles = tuple(CpTile(f"CP{i:04d}", "Somewhere", 0.3, "SUPPLYING", f"d{i}", 7.4, 1.0, 0.3) for i in range(999))
-    snap = PanelSnapshot(tiles + (CpTile("CP9999", "Far", 0.3, "BROKEN", fault="engine KO"),), (), (), time.time())
+    snap = PanelSnapshot((*tiles, CpTile("CP9999", "Far", 0.3, "BROKEN", fault="engine KO")), (), (), time.time())
     fit = tiles_that_fit(120, 40)
     text_of = io.StringIO()
     from rich.console import Console

@@ -14,20 +14,21 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from actors.console import ConsoleLine
 from actors.driver import DriverResults, DriverStatus
+from actors.runtime import Directory, SupervisedActor, Supervision
 from supervisors.driver_system import DriverConfig, main, read_services, start_driver
 from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
+from tests.waiting import wait_until
 from transport import protocol
 from transport.kafka import ConsumerPump, Delivery, Publish, Publisher, partition_for, wait_ready
-from actors.runtime import Directory, SupervisedActor, Supervision
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -38,7 +38,7 @@ def test_three_cps_two_drivers_every_service_ends_in_a_ticket_or_a_denial(tmp_pa
     for s in outcomes:
         assert s["outcome"] in ("ticket", "denied"), s
         if s["outcome"] == "denied":
-            assert s["reason"] and "CP" in s["reason"] or "driver" in s["reason"], s
+            assert (s["reason"] and "CP" in s["reason"]) or "driver" in s["reason"], s
     tickets = summary["tickets"]
     driver_tickets = sorted(s["session_id"] for s in outcomes if s["outcome"] == "ticket")
     assert sorted(t["session_id"] for t in tickets) == driver_tickets  # one to one, nothing extra

@@ -16,22 +16,23 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from actors.console import ConsoleLine, ConsoleReader
 from actors.engine import EngineStatus
+from actors.runtime import Directory, SupervisedActor, Supervision
 from persistence import EngineJournal
 from supervisors.engine_system import EngineConfig, engine_port, start_engine, stop_engine
 from supervisors.supervisor import ChildSpec, GetRestartLog, start_tree
 from supervisors.system import RunningSystem
+from tests.frame_client import FrameClient, PeerClosed
+from tests.waiting import wait_until
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings, free_port
-from tests.frame_client import FrameClient, PeerClosed
-from actors.runtime import Directory, SupervisedActor, Supervision
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -283,7 +284,7 @@ def test_a_supply_publishes_telemetry_then_one_completion(engine, data_reader, d
 
 
 def test_stop_supply_ends_with_its_reason_or_central_stop(engine, done_reader) -> None:
-    system, peer = engine
+    _system, peer = engine
     peer.send(authorize("S1"))
     peer.wait_for("supply_started", lambda m: m["session_id"] == "S1")
     peer.send(protocol.StopSupply(session_id="S1", reason="driver_stop"))

@@ -53,7 +53,8 @@ def supplied_sessions(net: Network) -> list[str]:
 def supplying(net: Network, cp_id: str, min_kwh: float = 0.0):
     """The live session of ``cp_id`` once Central saw it supply at least ``min_kwh``."""
     s = live_session(net, cp_id)
-    return s if s and s.status == "supplying" and s.energy_kwh > min_kwh and cp_state(net, cp_id) == "SUPPLYING" else None
+    supplying = s and s.status == "supplying" and s.energy_kwh > min_kwh and cp_state(net, cp_id) == "SUPPLYING"
+    return s if supplying else None
 
 
 def pid(net: Network, name: str) -> int:

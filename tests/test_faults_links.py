@@ -18,7 +18,7 @@ from persistence import Repository
 from supervisors.launcher import Network, NetworkSpec
 from tests import fault_matrix, faults
 from tests.waiting import wait_until
-from transport import framing, protocol
+from transport import protocol
 
 # --- the toolkit itself (fast) -------------------------------------------------------
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -53,7 +54,7 @@ def frame_bytes(data: bytes) -> bytes:
 def split(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(stream)})
     bounds = [0, *points, len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def feed_all(decoder: FrameDecoder, chunks: list[bytes], bound: int | None = None) -> list[Event]:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
-import pykka
 import pytest
 
+from actors.runtime import Directory, SupervisedActor, Supervision
 from supervisors.supervisor import ChildSpec, start_tree
+from tests.waiting import wait_until
 from transport import protocol
 from transport.kafka import ConsumerPump, Delivery, Publish, Published, Publisher, partition_for, wait_ready
-from actors.runtime import Directory, SupervisedActor, Supervision
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -173,7 +172,7 @@ class _StuckOnceConsumer:
     """The first consumer is wedged like kafka-python 3 after an outage: its poll never
     returns (``hang``) or it never gets partitions back (``unassigned``); later ones work."""
 
-    instances: list["_StuckOnceConsumer"] = []
+    instances: ClassVar[list[_StuckOnceConsumer]] = []
     mode = "hang"
 
     def __init__(self) -> None:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from typing import Any
 
 import pytest
 
+from actors.runtime import Directory, SupervisedActor, Supervision
 from supervisors.supervisor import ChildSpec, StartChild, Supervisor, spawner, start_tree
+from tests.frame_client import FrameClient
+from tests.waiting import wait_until
 from transport import framing, protocol
 from transport.broker import free_port
 from transport.client_link import ClientLink
-from tests.frame_client import FrameClient
 from transport.link import FrameIn, LinkDown, LinkOptions, LinkStats, LinkUp, Send
 from transport.listener import Listener, ListenerConnections, ListenerPort
-from actors.runtime import Directory, SupervisedActor, Supervision
-from tests.waiting import wait_until
 
 
 class Owner(SupervisedActor):
@@ -47,7 +46,8 @@ def frames_in(directory: Directory) -> list[Any]:
 @pytest.fixture
 def server() -> tuple[Directory, int]:
     directory = Directory()
-    tree = start_tree("t", [ChildSpec("owner", Owner), ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
+    tree = start_tree("t", [ChildSpec("owner", Owner),
+                            ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
                       directory=directory)
     spawn = spawner(directory.get("conns"))
     tree.ask(StartChild(ChildSpec(
@@ -117,7 +117,7 @@ def test_valid_json_but_bad_message_gets_ack_and_an_error_reply(server) -> None:
 
 
 def test_unanswered_frame_is_resent_then_link_dropped(server) -> None:
-    directory, port = server
+    _directory, port = server
     s = raw_session(port)
     s.sendall(framing.encode_frame(protocol.encode(protocol.Heartbeat(cp_id="CP3", engine_ok=True))))
     assert s.recv(1) == bytes([framing.ACK])
@@ -159,7 +159,8 @@ def test_half_a_frame_then_silence_is_dropped_after_the_frame_timeout() -> None:
     """A peer that starts a frame and goes silent must not hold a connection slot forever
     (an Engine accepts only 4 connections)."""
     directory = Directory()
-    tree = start_tree("t", [ChildSpec("owner", Owner), ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
+    tree = start_tree("t", [ChildSpec("owner", Owner),
+                            ChildSpec("conns", Supervisor, ("conns",), {"directory": directory})],
                       directory=directory)
     try:
         tree.ask(StartChild(ChildSpec(

@@ -7,6 +7,7 @@ EV_CP_E system (real broker, real journal) driven through its console pipe.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import time
@@ -17,17 +18,18 @@ from typing import Any
 import pytest
 
 from actors.monitor import MonitorStatus
+from actors.runtime import Directory, SupervisedActor, Supervision
 from supervisors.engine_system import start_engine
 from supervisors.monitor_system import MonitorConfig, start_monitor
 from supervisors.supervisor import ChildSpec, StartChild, Supervisor, spawner, start_tree
 from supervisors.system import RunningSystem
+from tests.test_engine import ConsolePipe, engine_config, run_program
+from tests.test_engine import status as engine_status
+from tests.waiting import wait_until
 from transport import protocol
 from transport.broker import KafkaSettings, free_port
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
 from transport.listener import Listener, ListenerPort
-from actors.runtime import Directory, SupervisedActor, Supervision
-from tests.test_engine import ConsolePipe, engine_config, run_program, status as engine_status
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -242,7 +244,7 @@ def test_heartbeats_arrive_every_second(engine, engine_port_free, central) -> No
         wait_until(lambda: mstatus(monitor)["state"] == "ACTIVE")
         central.wait_for(protocol.Heartbeat, count=4, timeout=8)
         times = [t for t, _ in central.timed(protocol.Heartbeat)]
-        gaps = [b - a for a, b in zip(times[1:], times[2:])]  # the first follows the acceptance at once
+        gaps = [b - a for a, b in itertools.pairwise(times[1:])]  # the first follows the acceptance at once
         assert gaps and all(0.7 <= g <= 1.3 for g in gaps), gaps
         assert all(m.engine_ok and m.state == "ACTIVE" for m in central.messages(protocol.Heartbeat)[1:])
     finally:

@@ -33,9 +33,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from configparser import ConfigParser
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -303,15 +304,16 @@ def test_compose_wiring_depends_on_volumes_healthchecks_and_kafka_listeners(
 
     # Kafka: listeners, advertised addresses and the clients' bootstrap agree.
     kafka = env_map(services["kafka"])
-    listeners = dict(l.split("://") for l in kafka["KAFKA_LISTENERS"].split(","))
-    advertised = dict(l.split("://") for l in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    listeners = dict(entry.split("://") for entry in kafka["KAFKA_LISTENERS"].split(","))
+    advertised = dict(entry.split("://") for entry in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
     protocols = dict(p.split(":") for p in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert set(listeners) == set(protocols) and set(advertised) <= set(listeners)
     assert kafka["KAFKA_CONTROLLER_LISTENER_NAMES"] in listeners
     assert kafka["KAFKA_CONTROLLER_LISTENER_NAMES"] not in advertised
     assert kafka["KAFKA_INTER_BROKER_LISTENER_NAME"] in advertised
     voter = kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].split("@")[1]
-    assert voter == f"{services['kafka']['hostname']}:{listeners[kafka['KAFKA_CONTROLLER_LISTENER_NAMES']].split(':')[-1]}"
+    controller_port = listeners[kafka["KAFKA_CONTROLLER_LISTENER_NAMES"]].split(":")[-1]
+    assert voter == f"{services['kafka']['hostname']}:{controller_port}"
     assert kafka["KAFKA_LOG_DIRS"] in [m.split(":")[1] for m in services["kafka"]["volumes"]], \
         "Kafka's log.dirs must be its volume (the image's default is /tmp)"
     cluster_id = kafka["CLUSTER_ID"]
@@ -347,7 +349,8 @@ def test_compose_wiring_depends_on_volumes_healthchecks_and_kafka_listeners(
 
 
 def test_the_dockerfile_installs_every_program_compose_runs(services: dict[str, dict[str, Any]]) -> None:
-    lines = [l.strip() for l in DOCKERFILE.read_text(encoding="utf-8").splitlines() if l.strip() and l[0] != "#"]
+    lines = [line.strip() for line in DOCKERFILE.read_text(encoding="utf-8").splitlines()
+             if line.strip() and line[0] != "#"]
     assert lines[0].startswith("FROM python:3.11"), "the image's Python must be the project's (3.11)"
     copied = set()
     for line in lines:
@@ -361,8 +364,9 @@ def test_the_dockerfile_installs_every_program_compose_runs(services: dict[str, 
     packages = {p.strip().rstrip("*") for p in cfg["options.packages.find"]["include"].split()}
     assert packages <= copied, f"the image lacks {packages - copied}"
     assert {"setup.cfg", "pyproject.toml", "requirements.lock"} <= copied
-    assert any("pip install" in l and "-c requirements.lock" in l for l in lines), "install with the pinned versions"
-    assert any(l.startswith("USER ") and l != "USER root" for l in lines), "run as an unprivileged user"
+    assert any("pip install" in line and "-c requirements.lock" in line for line in lines), \
+        "install with the pinned versions"
+    assert any(line.startswith("USER ") and line != "USER root" for line in lines), "run as an unprivileged user"
     used = {(s.get("command") or [""])[0] for s in services.values() if "build" in s}
     assert used - {"python"} <= set(console_scripts()), "every command is a console script of the package"
 
@@ -560,7 +564,7 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
         assert lab.wait_port("h2", h1, CENTRAL_PORT), "Central on host 1 is not reachable from host 2"
 
         # Host 2: two CPs, each an Engine and its Monitor (Monitor -> Engine over the host's loopback).
-        for cp_id, (location, port) in CPS.items():
+        for cp_id, (_location, port) in CPS.items():
             lab.popen(f"engine:{cp_id}", "h2", python_cmd(
                 "engine", broker, "--listen", f"0.0.0.0:{port}", "--cp-id", cp_id,
                 "--journal", str(run / f"engine-{cp_id}.journal.db"), "--auto-plug", "--plug-delay", "0.3",
@@ -571,7 +575,7 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
             lab.popen(f"monitor:{cp_id}", "h2", python_cmd(
                 "monitor", f"127.0.0.1:{port}", f"{h1}:{CENTRAL_PORT}", cp_id, "--location", location,
                 *detail(f"monitor-{cp_id}")), run / f"monitor-{cp_id}.log", cwd=ROOT)
-        wait_until(lambda: _cp_states(db) == {cp: "ACTIVE" for cp in CPS}, timeout=30, interval=0.2,
+        wait_until(lambda: _cp_states(db) == dict.fromkeys(CPS, "ACTIVE"), timeout=30, interval=0.2,
                    what="both CPs registered and ACTIVE at Central")
 
         # Host 3: two drivers, each with a short services file.
@@ -606,7 +610,7 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
                 start_driver(LATE_DRIVER, list(CPS))
             late = lab.procs.get(f"driver:{LATE_DRIVER}")
             elapsed = time.monotonic() - cut_at
-            if elapsed >= cut_s and late is not None and not late.alive() or elapsed > cut_s + 20:
+            if (elapsed >= cut_s and late is not None and not late.alive()) or elapsed > cut_s + 20:
                 break
             time.sleep(0.1)
         lab.restore("h2")
@@ -622,7 +626,7 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
         # The drivers finish their services; the supplies cut in the middle end in a ticket each.
         wait_until(lambda: not any(lab.procs[f"driver:{d}"].alive() for d in DRIVERS), timeout=90, interval=0.3,
                    what="both drivers done")
-        wait_until(lambda: _cp_states(db) == {cp: "ACTIVE" for cp in CPS}, timeout=15, interval=0.2,
+        wait_until(lambda: _cp_states(db) == dict.fromkeys(CPS, "ACTIVE"), timeout=15, interval=0.2,
                    what="both CPs ACTIVE at the end")
         for d in [*DRIVERS, LATE_DRIVER]:
             assert lab.procs[f"driver:{d}"].popen.returncode == 0, f"driver {d} exited with an error"
@@ -643,7 +647,8 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
     row = fault_matrix.billing_row(f"3 hosts (netns): CP host link cut {cut_s:g} s", str(db), started, recover_s)
     assert row.lost == 0 and row.double_billed == 0, row
     for sid in at_cut:
-        assert ticket_count.get(sid) == 1, f"supply {sid}, in progress at the cut, has {ticket_count.get(sid, 0)} tickets"
+        assert ticket_count.get(sid) == 1, \
+            f"supply {sid}, in progress at the cut, has {ticket_count.get(sid, 0)} tickets"
     for sid, _driver, _cp, status, _created, _started in sessions:
         assert status in ("completed", "cancelled"), f"session {sid} is still {status}"
         assert ticket_count.get(sid, 0) == (1 if status == "completed" else 0), f"session {sid}: {status}"

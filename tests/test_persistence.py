@@ -53,7 +53,8 @@ def processed(db_path: Path, message_id: str) -> bool:
     """Whether ``complete_session`` recorded the message id (read through its own connection)."""
     conn = open_database(db_path)
     try:
-        return conn.execute("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)).fetchone() is not None
+        row = conn.execute("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)).fetchone()
+        return row is not None
     finally:
         conn.close()
 
@@ -436,7 +437,7 @@ def test_complete_session_is_exactly_once(repo: Repository, db_path: Path) -> No
     # The database itself refuses a second ticket for the same session.
     conn = open_database(db_path)
     try:
-        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed: tickets.session_id"):
+        with pytest.raises(sqlite3.IntegrityError, match=r"UNIQUE constraint failed: tickets\.session_id"):
             conn.execute(
                 "INSERT INTO tickets (session_id, driver_id, cp_id, price_eur_kwh, energy_kwh, cost_eur, "
                 "cost_cents, started_at, ended_at, end_reason, issued_at) "

@@ -6,17 +6,52 @@ import math
 from typing import Annotated, Union, get_args, get_origin, get_type_hints
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transport import protocol as p
 from transport.protocol import (
-    ActiveSessionInfo, AuthorizeSupply, AvailableCpsRequest, AvailableCpsResponse, ChargeCompletion,
-    ChargeRequest, ChargeResponse, ChargingData, ChargingStatusUpdate, CpInfo, CpSupplyRequest,
-    CpSupplyResponse, DriverHello, DriverHelloResponse, ErrorMessage, FaultCleared, FaultNotification,
-    HealthCheck, HealthStatus, Heartbeat, Hello, ProtocolError, RegisterRequest, RegisterResponse,
-    ResumeCp, StopChargingRequest, StopChargingResponse, StopCp, StopSupply, SupplyAuthorizationResponse,
-    SupplyEnded, SupplyEvent, SupplyStarted, Ticket, TicketAck, TicketInfo,
-    decode, encode, from_dict, message_types, to_dict,
+    ActiveSessionInfo,
+    AuthorizeSupply,
+    AvailableCpsRequest,
+    AvailableCpsResponse,
+    ChargeCompletion,
+    ChargeRequest,
+    ChargeResponse,
+    ChargingData,
+    ChargingStatusUpdate,
+    CpInfo,
+    CpSupplyRequest,
+    CpSupplyResponse,
+    DriverHello,
+    DriverHelloResponse,
+    ErrorMessage,
+    FaultCleared,
+    FaultNotification,
+    HealthCheck,
+    HealthStatus,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    RegisterRequest,
+    RegisterResponse,
+    ResumeCp,
+    StopChargingRequest,
+    StopChargingResponse,
+    StopCp,
+    StopSupply,
+    SupplyAuthorizationResponse,
+    SupplyEnded,
+    SupplyEvent,
+    SupplyStarted,
+    Ticket,
+    TicketAck,
+    TicketInfo,
+    decode,
+    encode,
+    from_dict,
+    message_types,
+    to_dict,
 )
 
 TICKET_INFO = TicketInfo(
@@ -250,7 +285,7 @@ def test_not_json(text):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_json_nan_and_infinity_literals(literal):
-    message = err(('{"type":"hello","cp_id":"M","price_eur_kwh":%s}' % literal).encode())
+    message = err(f'{{"type":"hello","cp_id":"M","price_eur_kwh":{literal}}}'.encode())
     assert "not allowed" in message
 
 
@@ -483,7 +518,7 @@ def test_the_decoder_fast_path_gives_the_same_verdicts_as_the_full_check(monkeyp
     cases = [dict(base)] + [dict(base, **{field: v}) for field in base if field != "type" for v in odd]
     cases += [dict(base, type="fault_notification", cp_id="CP1", reason=v) for v in odd]
     cases += [dict(type="charge_completion", cp_id="CP1", session_id="S1", driver_id="d1", energy_kwh=1.0,
-                   cost_eur=0.3, end_reason=v) for v in odd + ["unplugged", "bogus"]]
+                   cost_eur=0.3, end_reason=v) for v in [*odd, "unplugged", "bogus"]]
 
     def verdicts() -> list[object]:
         out = []

@@ -48,14 +48,14 @@ def test_one_thread_reads_many_sockets(reader: SocketReader) -> None:
     before = threading.active_count()
     pairs = [socket.socketpair() for _ in range(200)]
     sinks = [Sink() for _ in pairs]
-    for (ours, _), sink in zip(pairs, sinks):
+    for (ours, _), sink in zip(pairs, sinks, strict=True):
         reader.add(watch(ours, sink))
     for i, (_, theirs) in enumerate(pairs):
         theirs.sendall(framing.encode_frame(f'{{"n": {i}}}'.encode()))
     wait_until(lambda: all(s.frames() for s in sinks), what="a frame on every socket")
     assert [s.frames() for s in sinks] == [[f'{{"n": {i}}}'.encode()] for i in range(200)]
     assert threading.active_count() == before  # no thread per socket
-    for ours, theirs in pairs:
+    for _ours, theirs in pairs:
         theirs.close()
     wait_until(lambda: all(s.closed == ["connection closed by peer"] for s in sinks), what="every EOF reported once")
     wait_until(lambda: reader.watching == 0)

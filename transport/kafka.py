@@ -22,18 +22,19 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pykka
 
+from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from transport import protocol
 from transport.broker import TOPICS, KafkaSettings, ensure_topics
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 
 log = logging.getLogger("evcharging.kafka")
 
-Decoder = Callable[[bytes], Any]
+Decoder = Callable[[bytes], protocol.Message]
 
 
 # --- publishing --------------------------------------------------------------
@@ -43,7 +44,7 @@ class Publish:
 
     topic: str
     key: str
-    message: Any
+    message: protocol.Message
     notify: pykka.ActorRef[Any] | None = None
     token: Any = None
 
@@ -97,7 +98,7 @@ class Publisher(SupervisedActor):
         component: str = "publisher",
         max_pending: int = 100_000,
         linger_ms: int = 1,
-        encode: Callable[[Any], bytes] = protocol.encode,
+        encode: Callable[[protocol.Message], bytes] = protocol.encode,
         supervision: Supervision | None = None,
     ) -> None:
         super().__init__(supervision=supervision)
@@ -201,7 +202,8 @@ class Publisher(SupervisedActor):
         if len(self._backlog) + self._in_flight >= self.max_pending:
             self._count_acks()
         if len(self._backlog) + self._in_flight >= self.max_pending:
-            reason = f"Kafka at {self.settings.bootstrap} is unreachable and {self.max_pending} records are already waiting"
+            reason = (f"Kafka at {self.settings.bootstrap} is unreachable and {self.max_pending} records "
+                      "are already waiting")
             tell(p.notify, PublishFailed(p.token, reason))
             return
         if self._backlog or self._producer is None:
@@ -277,7 +279,7 @@ class Inbound:
 
     topic: str
     key: str | None
-    message: Any
+    message: protocol.Message | None  # None when ``error`` says why
     error: str | None
     partition: int
     offset: int
@@ -344,7 +346,8 @@ def partition_for(key: str, partitions: int) -> int:
     """The partition the default Kafka partitioner picks for ``key``."""
     from kafka.partitioner.default import murmur2
 
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key.encode())  # kafka-python is untyped
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class ConsumerPump(SupervisedActor):
@@ -523,7 +526,8 @@ class ConsumerPump(SupervisedActor):
                     consumer.subscribe(real)  # ready once the group assigned us partitions
                 else:
                     assert self.partition_key is not None
-                    tps = [TopicPartition(t, partition_for(self.partition_key, TOPICS[self._real_to_logical[t]])) for t in real]
+                    tps = [TopicPartition(t, partition_for(self.partition_key, TOPICS[self._real_to_logical[t]]))
+                           for t in real]
                     consumer.assign(tps)
                     consumer.seek_to_end(*tps)
                     for tp in tps:

@@ -28,14 +28,15 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pykka
 
+from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 from transport import framing, protocol
 from transport.reader import SocketReader, Watch, shared_reader
-from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 
 log = logging.getLogger("evcharging.link")
 
@@ -60,7 +61,7 @@ class FrameIn:
     """A valid protocol message arrived on ``link``."""
 
     link: pykka.ActorRef[Any]
-    message: Any
+    message: protocol.Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class LinkDown:
 class Send:
     """Owner → link: send one protocol message as a frame."""
 
-    message: Any
+    message: protocol.Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +320,7 @@ class FramedLink(SupervisedActor):
             self._write(bytes([framing.ACK]))  # a peer re-opening the session: harmless
 
     # --- outbound ----------------------------------------------------------
-    def _send(self, message: Any) -> bool:
+    def _send(self, message: protocol.Message) -> bool:
         if self._sock is None:
             return False
         try:

@@ -17,14 +17,15 @@ import itertools
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pykka
 
+from actors.runtime import Directory, SupervisedActor, Supervision
 from transport.connection import ServerConnection
 from transport.link import LinkOptions, _close_socket, handshake_as_server
-from actors.runtime import Directory, SupervisedActor, Supervision
 
 log = logging.getLogger("evcharging.listener")
 
@@ -118,7 +119,7 @@ class Listener(SupervisedActor):
         while not self._halt.is_set():
             try:
                 sock, addr = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self._halt.is_set():

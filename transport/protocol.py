@@ -35,9 +35,10 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, NoneType, UnionType
-from typing import Annotated, Any, Callable, ClassVar, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 # --------------------------------------------------------------------------- enumerations
 
@@ -535,24 +536,24 @@ class ErrorMessage:
     correlation_id: str | None = None
 
 
-Message = Union[
-    AvailableCpsRequest, ChargeRequest, StopChargingRequest, DriverHello, TicketAck,
-    AvailableCpsResponse, ChargeResponse, SupplyEvent, ChargingStatusUpdate, Ticket,
-    StopChargingResponse, DriverHelloResponse,
-    ChargingData, ChargeCompletion,
-    RegisterRequest, RegisterResponse, Heartbeat, FaultNotification, FaultCleared,
-    SupplyAuthorizationResponse, SupplyStarted, SupplyEnded, CpSupplyRequest,
-    AuthorizeSupply, StopSupply, StopCp, ResumeCp, CpSupplyResponse,
-    Hello, HealthCheck, HealthStatus,
-    ErrorMessage,
-]
+Message = (
+    AvailableCpsRequest | ChargeRequest | StopChargingRequest | DriverHello | TicketAck
+    | AvailableCpsResponse | ChargeResponse | SupplyEvent | ChargingStatusUpdate | Ticket
+    | StopChargingResponse | DriverHelloResponse
+    | ChargingData | ChargeCompletion
+    | RegisterRequest | RegisterResponse | Heartbeat | FaultNotification | FaultCleared
+    | SupplyAuthorizationResponse | SupplyStarted | SupplyEnded | CpSupplyRequest
+    | AuthorizeSupply | StopSupply | StopCp | ResumeCp | CpSupplyResponse
+    | Hello | HealthCheck | HealthStatus
+    | ErrorMessage
+)
 """Any registered message."""
 
-_REGISTRY: dict[str, type] = {cls.TYPE: cls for cls in get_args(Message)}
+_REGISTRY: dict[str, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
 assert len(_REGISTRY) == len(get_args(Message)), "two message classes share a TYPE"
 
 
-def message_types() -> Mapping[str, type]:
+def message_types() -> Mapping[str, type[Message]]:
     """Wire type string -> message class (read-only)."""
     return MappingProxyType(_REGISTRY)
 
@@ -726,7 +727,7 @@ def _fast_check(hint: Any) -> tuple[type, Callable[[Any], bool]] | None:
         elif isinstance(rule, OneOf):
             checks.append(rule.values.__contains__)
         elif isinstance(rule, AtLeast):
-            checks.append(lambda v, m=rule.minimum: v >= m)
+            checks.append(_at_least(rule.minimum))
         else:
             return None
     if not checks:
@@ -736,10 +737,15 @@ def _fast_check(hint: Any) -> tuple[type, Callable[[Any], bool]] | None:
     return base, lambda v: all(c(v) for c in checks)
 
 
+def _at_least(minimum: float) -> Callable[[Any], bool]:
+    return lambda v: bool(v >= minimum)
+
+
+_T = TypeVar("_T")
 _PLANS: dict[type, tuple[tuple[str, bool, Any, tuple[type, Callable[[Any], bool]] | None], ...]] = {}
 
 
-def _build(cls: type, data: dict, kind: str, prefix: str = "") -> Any:
+def _build(cls: type[_T], data: dict[str, Any], kind: str, prefix: str = "") -> _T:
     """Validate ``data`` against the fields of ``cls`` and construct it."""
     plan = _PLANS.get(cls)
     if plan is None:
@@ -759,7 +765,7 @@ def _build(cls: type, data: dict, kind: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def from_dict(d: dict) -> Message:
+def from_dict(d: dict[str, Any]) -> Message:
     """Build a message from a decoded JSON object; ProtocolError when it does not fit."""
     if not isinstance(d, dict):
         raise ProtocolError(f"message must be a JSON object, got {_show(d)}")
@@ -799,10 +805,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_dict(msg: Message) -> dict:
+def to_dict(msg: Message) -> dict[str, Any]:
     """The JSON-shaped dict of a message, "type" first."""
     cls = type(msg)
-    if _REGISTRY.get(getattr(cls, "TYPE", None)) is not cls:
+    if _REGISTRY.get(getattr(cls, "TYPE", "")) is not cls:
         raise TypeError(f"{cls.__name__} is not a protocol message")
     return {"type": msg.TYPE, **_plain(msg)}
 

@@ -28,8 +28,8 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from transport import framing
 
@@ -46,7 +46,7 @@ class Watch:
     decoder: framing.FrameDecoder
     slots: threading.BoundedSemaphore
     deliver: Callable[[tuple[framing.Event, ...]], bool]  # False: the owner is gone
-    closed: Callable[[str], None]
+    closed: Callable[[str], object]  # its result is ignored
     frame_timeout: float
     name: str = "link"
     last_bytes: float = field(default_factory=time.monotonic)
@@ -171,7 +171,7 @@ class SocketReader:
             return
         try:
             chunk = w.sock.recv(65536)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._end(w, f"connection lost ({exc})")
@@ -201,6 +201,7 @@ class SocketReader:
                 continue
             if w.slots.acquire(blocking=False):
                 events, w.held = w.held, None
+                assert events is not None  # a watch is in _held only with its events
                 del self._held[id(w)]
                 w.last_bytes = time.monotonic()  # the pause was ours, not the peer's silence
                 if not w.deliver(events):
