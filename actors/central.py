@@ -43,7 +43,7 @@ from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, sche
 from actors.session import SessionActor
 from persistence import Conflict, Repository, SessionRecord
 from transport import protocol
-from transport.kafka import Delivery, Inbound, Publish, PumpDown, PumpUp
+from transport.kafka import DeadLettered, Delivery, Handled, Inbound, Publish, PumpDown, PumpUp, SetAside
 from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
 
 log = logging.getLogger("evcharging.central")
@@ -64,6 +64,10 @@ class CentralConfig:
     panel_interval: float = 0.5
     life_check_interval: float = 0.1  # how late a silent CP may be noticed after its timeout
     request_max_age: float = 10.0  # a charge request older than this was sent while Central was away
+    reconcile_grace: float = 5.0  # the CP's heartbeat disagrees with Central about a session this long: act
+    completion_wait: float = 10.0  # the CP ended a supply but no completion came: Central closes it after this
+    stop_retry: float = 2.0  # a cancel/stop the CP has not confirmed is repeated this often
+    lost_deadline: float = 300.0  # a live session whose CP is gone this long is closed from its last checkpoint
 
 
 @dataclass(eq=False)
@@ -86,6 +90,10 @@ class CpView:
     power_kw: float = 0.0
     fault: str | None = None
     state: CpState = DISCONNECTED
+    # Reconciliation of the live session with the CP (issue #10):
+    idle_since: float | None = None  # monotonic: since when the CP's heartbeat does not show the session
+    ended: tuple[float, float, str] | None = None  # the CP's supply_ended figures (kWh, €, end reason)
+    lost_since: float | None = None  # monotonic: since when the CP's Monitor is gone (with a live session)
 
     def derive(self, now: float, life_timeout: float) -> CpState:
         """Connected means: a Monitor link and a life message within ``life_timeout``."""
@@ -116,6 +124,27 @@ class _Tick:
 @dataclass(frozen=True, slots=True)
 class _AuthTimeout:
     correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """Ask (operator, last resort): end a session now. A pending or never-supplied
+    session is cancelled (no bill) and the CP told to drop it; a supplying one is
+    stopped at the CP and billed from the best figures Central has, flagged for
+    review. Audited. Returns a sentence. Console: ``close SESSION_ID``."""
+
+    session_id: str
+    who: str = "console"
+
+
+@dataclass(slots=True)
+class _Cancel:
+    """A session Central cancelled that the CP has not yet confirmed dropping."""
+
+    cp_id: str
+    reason: str
+    since: float  # monotonic
+    sent: float = 0.0  # monotonic, last cancel_supply sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +185,22 @@ class CentralActor(SupervisedActor):
         self._messages: deque[str] = deque(maxlen=12)
         self._ticker: Ticker | None = None
         self._dirty = True
+        self._cancels: dict[str, _Cancel] = {}  # session id -> cancel the CP must confirm
+        self._strays: dict[str, float] = {}  # session id the CP holds, unknown to Central -> first seen
+        self._closing: set[str] = set()  # sessions Central is billing itself (a completion is on its way)
+        self._unconfirmed: set[str] = set()  # reloaded sessions the CP has not shown in a heartbeat yet
+        self._run_id: int | None = None
+        self._up_since = time.time()
+        self._down_since: float | None = None  # the previous run's last sign of life (own clock)
+        self._requests_up: float | None = None  # monotonic: when the requests pump first said PumpUp
+        self._alive_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
         self._repo = Repository(self.config.db_path)
         self.repo.set_all_cp_states(DISCONNECTED)
-        for rec in self.repo.list_cps():
-            self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh)
+        for rec in self.repo.list_cps():  # with the operator's stored stop decisions
+            self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped)
         reloaded = self.repo.live_sessions()
         for s in reloaded:
             self._adopt_session(s)
@@ -194,9 +232,9 @@ class CentralActor(SupervisedActor):
             case FrameIn(link, msg):
                 self._on_frame(link, msg)
             case Delivery(items):
-                for item in items:
-                    self._on_driver_record(item)
-                return True
+                return Handled(tuple(sa for item in items if (sa := self._on_driver_record(item)) is not None))
+            case DeadLettered():
+                self._on_dead_letter(message)
             case ProgressBatch(items):
                 for p in items:
                     self._on_progress(p)
@@ -206,6 +244,9 @@ class CentralActor(SupervisedActor):
                 self._on_billed(message)
             case LinkUp():
                 pass  # a Monitor connected; it becomes a CP when it registers
+            case PumpUp(_pump, name) if "request" in name and self._requests_up is None:
+                self._requests_up = time.monotonic()
+                log.info("Central: Kafka consumer %s is reading", name)
             case PumpUp(_pump, name):
                 log.info("Central: Kafka consumer %s is reading", name)
             case PumpDown(_pump, name, reason):
@@ -218,6 +259,8 @@ class CentralActor(SupervisedActor):
                 self._on_auth_timeout(corr)
             case ConsoleLine(text):
                 self._on_console(text)
+            case CloseSession(sid, who):
+                return self._close_command(sid, who)
             case AdminCommand(action, cp_id):
                 return self._admin(action, cp_id)
             case CentralStatus():
@@ -254,6 +297,7 @@ class CentralActor(SupervisedActor):
         self._refresh(cp)
         if was == DISCONNECTED and cp.state != DISCONNECTED:
             self._note(f"CP {cp.cp_id} is {cp.state}")
+        self._reconcile(cp, msg.supplying_session_id)
 
     def _on_fault(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.FaultNotification) -> None:
         cp.engine_ok = False
@@ -273,13 +317,28 @@ class CentralActor(SupervisedActor):
     def _on_authorization(self, cp: CpView, _link: pykka.ActorRef[Any],
                           resp: protocol.SupplyAuthorizationResponse) -> None:
         if resp.correlation_id not in self._pending:
-            log.info("Late authorisation answer from CP %s for %s ignored", cp.cp_id, resp.session_id)
+            sid = resp.session_id
+            if resp.accepted and sid not in self._live:
+                # Central cancelled it meanwhile (timeout, link loss): the CP must not supply it.
+                self._note(f"CP {cp.cp_id} accepted session {sid} too late: telling it to drop it")
+                self._cancel_at_cp(cp.cp_id, sid, "Central had cancelled it (the answer came too late)")
+            else:
+                log.info("Late authorisation answer from CP %s for %s ignored", cp.cp_id, sid)
             return
         self._finish_pending(resp.correlation_id, resp.accepted, resp.reason or "the CP refused")
 
     def _on_supply_ended(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.SupplyEnded) -> None:
+        if self._cancels.pop(msg.session_id, None) is not None:
+            self._note(f"CP {cp.cp_id} confirmed it dropped cancelled session {msg.session_id}")
+        self._strays.pop(msg.session_id, None)
         if cp.session_id == msg.session_id:
             cp.supplying = False
+            # The completion (Kafka) bills it; if it never comes, Central closes the
+            # session with these figures after completion_wait (see _reconcile).
+            cp.ended = (cp.energy_kwh if msg.energy_kwh is None else msg.energy_kwh,
+                        cp.cost_eur if msg.cost_eur is None else msg.cost_eur, msg.end_reason)
+            if cp.idle_since is None:
+                cp.idle_since = time.monotonic()
             self._note(f"CP {cp.cp_id} ended supply {msg.session_id} ({msg.end_reason})")
             self._refresh(cp)
 
@@ -339,7 +398,7 @@ class CentralActor(SupervisedActor):
                                "and you get the ticket")
         for corr, p in list(self._pending.items()):
             if p.cp_id == cp.cp_id:
-                self._finish_pending(corr, accepted=False, reason=f"CP {cp.cp_id} disconnected")
+                self._finish_pending(corr, accepted=False, reason=f"CP {cp.cp_id} disconnected", stop_cp=True)
         self._refresh(cp)
 
     def _on_tick(self) -> None:
@@ -356,6 +415,7 @@ class CentralActor(SupervisedActor):
                 if cp.session_id:
                     self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
                                        f"CP {cp.cp_id} stopped answering; you will get the ticket when it reports")
+        self._check_deadlines(now)
         if self._dirty and (lost or now >= self._next_snapshot):
             self._dirty = False
             self._next_snapshot = now + self.config.panel_interval - 0.01
@@ -382,8 +442,9 @@ class CentralActor(SupervisedActor):
             if other.driver_id == driver_id:
                 return f"driver {driver_id} is already supplying at {other.cp_id}"
         session_id = "S" + protocol.new_id()[:10].upper()
-        try:
-            self.repo.open_session(session_id, cp_id, driver_id, cp.price, time.time())
+        try:  # a driver's request is stored with its session, in one transaction (its first answer)
+            self.repo.open_session(session_id, cp_id, driver_id, cp.price, time.time(),
+                                   correlation_id=request_corr if origin == "driver" else None)
         except Conflict as exc:
             return str(exc)
         assert cp.link is not None
@@ -404,12 +465,16 @@ class CentralActor(SupervisedActor):
         self._dirty = True
         return None
 
-    def _finish_pending(self, corr: str, accepted: bool, reason: str) -> None:
+    def _finish_pending(self, corr: str, accepted: bool, reason: str, stop_cp: bool = False) -> None:
+        """End an authorisation. ``stop_cp``: Central gave up on its own (timeout, link
+        loss, operator), so the CP may have accepted: it is told to drop the session
+        (``cancel_supply``, repeated until it confirms)."""
         p = self._pending.pop(corr)
         if p.timer:
             p.timer.cancel()
         cp = self.cps[p.cp_id]
         if accepted:
+            self.repo.request_authorized(p.session_id)  # the stored answer, before the driver is told
             rec = self.repo.get_session(p.session_id)
             assert rec is not None
             self._start_session_actor(rec)
@@ -417,6 +482,8 @@ class CentralActor(SupervisedActor):
             self._note(f"CP {p.cp_id} authorised session {p.session_id} for driver {p.driver_id}")
         else:
             self.repo.cancel_session(p.session_id, reason, time.time())
+            if stop_cp:
+                self._cancel_at_cp(p.cp_id, p.session_id, reason)
             self._live.pop(p.session_id, None)
             self._started.pop(p.session_id, None)
             if cp.session_id == p.session_id:
@@ -438,7 +505,8 @@ class CentralActor(SupervisedActor):
     def _on_auth_timeout(self, corr: str) -> None:
         p = self._pending.get(corr)
         if p is not None:
-            self._finish_pending(corr, False, f"CP {p.cp_id} did not answer within {self.config.authorize_timeout:g} s")
+            self._finish_pending(corr, False, f"CP {p.cp_id} did not answer within {self.config.authorize_timeout:g} s",
+                                 stop_cp=True)
 
     def _start_session_actor(self, rec: SessionRecord) -> None:
         self._started[rec.session_id] = rec.created_at
@@ -460,6 +528,11 @@ class CentralActor(SupervisedActor):
         cp.energy_kwh, cp.cost_eur, cp.seq = rec.energy_kwh, rec.cost_eur, rec.last_seq
         cp.supplying = rec.status == "supplying"
         self._live[rec.session_id] = cp
+        # Until the CP's heartbeat shows it, nobody knows whether the CP has it: a
+        # reloaded session is resolved by _reconcile (confirmed, or ended after a
+        # deadline), so a lost answer cannot leave the CP and the driver stuck.
+        self._unconfirmed.add(rec.session_id)
+        cp.lost_since = time.monotonic()  # no Monitor yet: the lost deadline runs until it registers
         self._start_session_actor(rec)
 
     def _on_supply_started(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.SupplyStarted) -> None:
@@ -468,6 +541,8 @@ class CentralActor(SupervisedActor):
             log.warning("CP %s started unknown session %s", cp.cp_id, sid)
             return
         cp.supplying = True
+        cp.idle_since = None
+        self._unconfirmed.discard(sid)
         self.directory.tell("ledger", MarkSupplying(sid, time.time()))
         self._driver_event(cp.driver_id, sid, cp.cp_id, "plugged_in", f"supplying at CP {cp.cp_id}")
         self._note(f"CP {cp.cp_id} is supplying driver {cp.driver_id}")
@@ -498,6 +573,7 @@ class CentralActor(SupervisedActor):
         return cp.state
 
     def _on_billed(self, b: SessionBilled) -> None:
+        self._tell_cp_billed(b.cp_id, b.session_id)
         self._live.pop(b.session_id, None)
         self._started.pop(b.session_id, None)
         cp = self.cps.get(b.cp_id)
@@ -509,40 +585,271 @@ class CentralActor(SupervisedActor):
             self._note(f"Ticket {b.session_id}: driver {b.driver_id} at {b.cp_id}, {b.energy_kwh:.3f} kWh, "
                        f"{b.cost_eur:.2f} € ({b.end_reason})")
 
-    # --- drivers -----------------------------------------------------------------
-    def _on_driver_record(self, item: Inbound) -> None:
-        if item.message is None:  # undecodable: item.error says why
-            log.warning("Ignored a bad driver request (key %s): %s", item.key, item.error)
+    # --- session lifecycle: deadlines and reconciliation with the CP (issue #10) ----------
+    def _cancel_at_cp(self, cp_id: str, session_id: str, reason: str) -> None:
+        """Tell the CP to drop a session Central cancelled; repeated (``stop_retry``) until
+        the CP confirms: ``supply_ended``, or a heartbeat not showing the session."""
+        cancel = self._cancels.get(session_id)
+        if cancel is None:
+            cancel = self._cancels[session_id] = _Cancel(cp_id, reason, time.monotonic())
+        self._send_cancel(session_id, cancel)
+
+    def _send_cancel(self, session_id: str, cancel: _Cancel) -> None:
+        cp = self.cps.get(cancel.cp_id)
+        if cp is not None and cp.link is not None:
+            cancel.sent = time.monotonic()
+            tell(cp.link, Send(protocol.CancelSupply(session_id=session_id, reason=cancel.reason[:200])))
+
+    def _reconcile(self, cp: CpView, held: str | None) -> None:
+        """Compare the CP's heartbeat (the session it holds) with Central's view."""
+        now = time.monotonic()
+        cp.lost_since = None
+        for cancelled, cancel in list(self._cancels.items()):
+            if cancel.cp_id != cp.cp_id:
+                continue
+            if held == cancelled:
+                if now - cancel.sent >= self.config.stop_retry:
+                    self._send_cancel(cancelled, cancel)
+            elif cancel.sent and now - cancel.sent >= self.config.stop_retry:
+                del self._cancels[cancelled]  # the CP does not hold it: confirmed (a late accept re-arms it)
+            elif now - cancel.since > 600:
+                del self._cancels[cancelled]
+            elif not cancel.sent:
+                self._send_cancel(cancelled, cancel)  # cancelled while the CP was away: tell it now
+        pending = {p.session_id for p in self._pending.values()}
+        if held is not None and held not in self._live and held not in pending and held not in self._cancels:
+            first = self._strays.setdefault(held, now)
+            if now - first >= self.config.reconcile_grace:
+                del self._strays[held]
+                rec = self.repo.get_session(held)
+                if rec is None or rec.status != "completed":
+                    why = f"CP {cp.cp_id} was running session {held}, which Central does not consider live"
+                    self._note(why + ": telling it to stop; what it supplied is billed for review")
+                    self.repo.audit("central", cp.cp_id, "stray_session", held)
+                    if rec is not None:
+                        self.repo.flag_session_review(held, why)
+                    self._cancel_at_cp(cp.cp_id, held, "Central does not consider this session live")
+        for old in [s for s in self._strays if s != held and self._strays[s] < now - 60]:
+            del self._strays[old]
+        sid = cp.session_id
+        if sid is None or sid in pending or sid in self._closing:
             return
+        if held == sid and cp.ended is None:
+            cp.idle_since = None
+            if sid in self._unconfirmed:
+                self._unconfirmed.discard(sid)
+                self._note(f"CP {cp.cp_id} confirmed session {sid} after Central's restart")
+                if not cp.supplying:
+                    self._driver_event(cp.driver_id, sid, cp.cp_id, "authorized", f"plug in at CP {cp.cp_id}")
+            return
+        if cp.idle_since is None:
+            cp.idle_since = now
+            return
+        idle = now - cp.idle_since
+        if cp.ended is not None:
+            if idle >= self.config.completion_wait:
+                kwh, eur, why = cp.ended
+                self._close(cp, sid, f"CP {cp.cp_id} ended it ({why}) but its completion did not arrive",
+                            (kwh, eur), why, review=False)
+        elif idle >= self.config.reconcile_grace:
+            self._close(cp, sid, f"CP {cp.cp_id} is not running it (its heartbeat shows "
+                                 f"{held or 'no session'} for {idle:.0f} s)", None, "central_stop", review=True)
+
+    def _check_deadlines(self, now: float) -> None:
+        """Every tick: Central's liveness record, and the deadline of sessions whose CP is gone."""
+        self._ensure_run()
+        wall = time.time()
+        if self._run_id is not None and wall - self._alive_at >= 1.0:
+            self._alive_at = wall
+            self.repo.mark_alive(self._run_id, wall)
+        for cp in self.cps.values():
+            sid = cp.session_id
+            if sid is None or sid in self._closing or any(p.session_id == sid for p in self._pending.values()):
+                continue
+            if cp.link is not None and now - cp.last_heartbeat <= self.config.life_timeout:
+                continue
+            if cp.lost_since is None:
+                cp.lost_since = now
+            elif now - cp.lost_since >= self.config.lost_deadline:
+                figures = cp.ended[:2] if cp.ended else None
+                self._close(cp, sid, f"CP {cp.cp_id} has been gone for {now - cp.lost_since:.0f} s", figures,
+                            cp.ended[2] if cp.ended else "monitor_lost", review=True)
+
+    def _close(self, cp: CpView, sid: str, why: str, figures: tuple[float, float] | None, end_reason: str,
+               *, review: bool) -> str:
+        """Central ends a live session itself. Never supplied (authorised, no telemetry,
+        no figures): cancelled, no bill, the CP told to drop it. Otherwise billed through
+        the session actor with ``figures`` (the CP's supply_ended) or the last checkpoint;
+        a completion arriving later is a replay of that ticket."""
+        rec = self.repo.get_session(sid)
+        if rec is None or rec.status not in ("authorized", "supplying"):
+            self._on_supply_finished(cp.cp_id, sid)
+            return f"session {sid} is not live"
+        self._unconfirmed.discard(sid)
+        cp.idle_since = None
+        if figures is None and rec.status == "authorized" and max(cp.seq, rec.last_seq) == 0 and not cp.supplying:
+            self.repo.cancel_session(sid, why, time.time())
+            self.repo.audit("central", cp.cp_id, "session_cancelled", f"{sid}: {why}")
+            self._cancel_at_cp(cp.cp_id, sid, why)
+            self._driver_event(rec.driver_id, sid, cp.cp_id, "denied", f"session cancelled: {why}")
+            self._on_supply_finished(cp.cp_id, sid)
+            self._note(f"Session {sid} at CP {cp.cp_id} cancelled: {why}")
+            return f"session {sid} cancelled (nothing was supplied)"
+        kwh, eur = figures if figures is not None else (max(cp.energy_kwh, rec.energy_kwh),
+                                                        max(cp.cost_eur, rec.cost_eur))
+        reason = end_reason if end_reason in protocol.END_REASONS else "central_stop"
+        if review:
+            self.repo.flag_session_review(sid, f"closed by Central: {why}")
+        else:
+            self.repo.audit("central", cp.cp_id, "session_closed", f"{sid}: {why}")
+        if cp.link is not None and not cp.ended:
+            tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="central_stop")))
+        self._closing.add(sid)
+        self._start_session_actor(rec)
+        completion = protocol.ChargeCompletion(cp_id=cp.cp_id, session_id=sid, driver_id=rec.driver_id,
+                                               energy_kwh=kwh, cost_eur=eur, end_reason=reason)
+        if not self.directory.tell(f"session:{sid}", completion):
+            self._closing.discard(sid)
+            return f"session {sid}: its session actor is not running; try again"
+        self._driver_event(rec.driver_id, sid, cp.cp_id, "stopped", why)
+        self._note(f"Central closed session {sid} at CP {cp.cp_id}: {why} ({kwh:.3f} kWh, {eur:.2f} €)")
+        return f"session {sid} closed and billed: {kwh:.3f} kWh, {eur:.2f} €"
+
+    def _close_command(self, sid: str, who: str) -> str:
+        """The operator's last resort (``close SESSION_ID``), audited."""
+        self.repo.audit(who, sid, "operator_close", "")
+        for corr, p in list(self._pending.items()):
+            if p.session_id == sid:
+                self._finish_pending(corr, False, f"closed by the operator ({who})", stop_cp=True)
+                return f"session {sid} cancelled while waiting for the CP"
+        cp = self._live.get(sid)
+        if cp is None:
+            return f"no live session {sid}"
+        if sid in self._closing:
+            return f"session {sid} is already being closed"
+        figures = cp.ended[:2] if cp.ended else None
+        return self._close(cp, sid, f"closed by the operator ({who})", figures,
+                           cp.ended[2] if cp.ended else "central_stop", review=True)
+
+    def _tell_cp_billed(self, cp_id: str, session_id: str) -> None:
+        """The ticket exists: the CP may stop republishing its completion."""
+        self._closing.discard(session_id)
+        cp = self.cps.get(cp_id)
+        if cp is not None:
+            if cp.session_id == session_id:
+                cp.ended, cp.idle_since = None, None
+            if cp.link is not None:
+                tell(cp.link, Send(protocol.SessionBilled(session_id=session_id, cp_id=cp_id)))
+
+    def _on_billing_query(self, cp: CpView, link: pykka.ActorRef[Any], msg: protocol.BillingQuery) -> None:
+        ticket = self.repo.get_ticket(msg.session_id)
+        if ticket is not None and ticket.cp_id == cp.cp_id:
+            tell(link, Send(protocol.SessionBilled(session_id=msg.session_id, cp_id=cp.cp_id)))
+
+    def _ensure_run(self) -> None:
+        if self._run_id is None:
+            self._run_id, self._down_since = self.repo.start_run(self._up_since)
+            self._alive_at = self._up_since
+
+    def _request_expired(self, item: Inbound) -> str | None:
+        """Was this charge request appended while Central was down? (SPEC §3: such
+        requests are not accepted.) The producer's clock is not trusted, and Tansu
+        has no LogAppendTime; Central uses its own record of its downtime instead:
+        after a restart that followed a real downtime (the previous run's last
+        ``alive_at`` is older than ``request_max_age`` before this run's start),
+        the records the requests pump delivers within ``request_max_age`` of its
+        first ``PumpUp`` *and* that were already in the log when Central came
+        up are the backlog of the downtime. "Already in the log" is judged with
+        Central's own receive time: a record received in the first second after
+        the pump was positioned was there before (the pump fetches the backlog
+        at once). See docs/flows.md, "Session lifecycle"."""
+        self._ensure_run()
+        if self._down_since is None or self._requests_up is None:
+            return None
+        downtime = self._up_since - self._down_since
+        if downtime < self.config.request_max_age:
+            return None  # a quick restart: requests waiting in Kafka are still fresh enough
+        if time.monotonic() - self._requests_up > 1.0:
+            return None
+        return (f"request expired: it was sent while Central was unavailable (down for {downtime:.0f} s); "
+                "please ask again")
+
+    # --- drivers -----------------------------------------------------------------
+    def _on_driver_record(self, item: Inbound) -> SetAside | None:
+        """Handle one driver_requests record; a record that can never be handled is set aside (dead-lettered)."""
+        if item.message is None:  # undecodable (the pump sets these aside itself): item.error says why
+            return SetAside(item, f"cannot decode: {item.error}")
         handler = self.DRIVER_HANDLERS.get(type(item.message))
         if handler is None:
-            log.warning("Ignored a %s record on driver_requests: not a driver request", item.message.TYPE)
-            return
+            return SetAside(item, f"a {item.message.TYPE} record does not belong on driver_requests")
         handler(self, item.message, item)
+        return None
+
+    def _on_dead_letter(self, d: DeadLettered) -> None:
+        """A record went to a dead-letter topic: a fault the operator sees in the panel and the log."""
+        where = f" (partition {d.partition}, offset {d.offset})" if d.offset is not None else ""
+        self._note(f"FAULT: a record on {d.topic}{where}, key {d.key}, was set aside in {d.topic}.dead: "
+                   f"{protocol.clip(d.reason, 160)}")
 
     def _on_list_request(self, msg: protocol.AvailableCpsRequest, _item: Inbound) -> None:
+        """One page of the CPs, by cp_id: those after ``msg.after``, at most ``msg.limit`` (PAGE_SIZE)."""
         now = time.monotonic()
         for cp in self.cps.values():
             self._refresh(cp, now)
-        cps = tuple(protocol.CpInfo(cp_id=c.cp_id, location=c.location, price_eur_kwh=c.price, state=c.state)
-                    for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
+        limit = msg.limit or protocol.PAGE_SIZE
+        listed = sorted((c for c in self.cps.values() if protocol.is_id(c.cp_id)), key=lambda c: c.cp_id)
+        rest = [c for c in listed if msg.after is None or c.cp_id > msg.after]
+        page = rest[:limit]
+        cps = tuple(protocol.CpInfo(cp_id=c.cp_id, location=protocol.clip(c.location, protocol.LOCATION_MAX_LEN),
+                                    price_eur_kwh=c.price, state=c.state) for c in page)
+        more = len(rest) > limit
         self._to_driver(msg.driver_id, protocol.AvailableCpsResponse(
-            driver_id=msg.driver_id, correlation_id=msg.correlation_id, charging_points=cps))
+            driver_id=msg.driver_id, correlation_id=msg.correlation_id, charging_points=cps, more=more,
+            next_after=page[-1].cp_id if more else None, total=len(listed)))
 
     def _on_charge_request(self, msg: protocol.ChargeRequest, item: Inbound) -> None:
+        """A (driver_id, correlation_id) gets one answer, ever: its first (stored with the
+        session or the denial), re-sent to a redelivered request, never a contradicting one."""
         d, cp_id, corr = msg.driver_id, msg.cp_id, msg.correlation_id
+        if self._answer_again(msg):
+            return
         self.repo.ensure_driver(d)
-        age = time.time() - item.timestamp if item.timestamp else 0.0
-        if age > self.config.request_max_age:
-            # SPEC §3: no new requests are accepted while Central is down, even when
-            # Kafka kept them; the driver was already told Central was unavailable.
-            denial: str | None = f"request expired: it was sent {age:.0f} s ago, while Central was unavailable"
-        else:
+        denial: str | None = self._request_expired(item)  # SPEC §3: none accepted while Central was down
+        if denial is None:
             denial = self._authorize(cp_id, d, "driver", corr)
         if denial:
+            denial = self.repo.record_denial(d, corr, cp_id, denial, time.time()).reason or denial
             self._note(f"Driver {d} denied at {cp_id}: {denial}")
             self._to_driver(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="denied",
                                                        cp_id=cp_id, reason=denial))
+
+    def _answer_again(self, msg: protocol.ChargeRequest) -> bool:
+        """A redelivered charge_request (producer retry, replay after a failed commit or a
+        restart): re-send its stored answer. 'pending' (the CP has not answered): nothing now
+        if this Central is still waiting (the answer follows); after a restart, the answer
+        the session's state gives. False for a new request."""
+        d, corr = msg.driver_id, msg.correlation_id
+        stored = self.repo.charge_request(d, corr)
+        if stored is None:
+            return False
+        status, sid, reason = stored.status, stored.session_id, stored.reason
+        if status == "pending":
+            if any(p.request_correlation == corr and p.driver_id == d and p.origin == "driver"
+                   for p in self._pending.values()):
+                log.info("Charge request %s of driver %s again: its answer follows when CP %s answers",
+                         corr, d, stored.cp_id)
+                return True
+            session = self.repo.get_session(sid) if sid else None
+            if session is None or session.status == "cancelled":
+                status, reason = "denied", (session.end_reason if session else None) or "the request was cancelled"
+            else:
+                status = "authorized"
+        log.info("Charge request %s of driver %s again: answered %s as the first time", corr, d, status)
+        self._to_driver(d, protocol.ChargeResponse(
+            driver_id=d, correlation_id=corr, status="authorized" if status == "authorized" else "denied",
+            cp_id=stored.cp_id, session_id=sid if status == "authorized" else None,
+            reason=None if status == "authorized" else reason))
+        return True
 
     def _on_stop_request(self, msg: protocol.StopChargingRequest, _item: Inbound) -> None:
         d, sid, corr = msg.driver_id, msg.session_id, msg.correlation_id
@@ -573,7 +880,7 @@ class CentralActor(SupervisedActor):
                                 energy_kwh=t.energy_kwh, cost_eur=t.cost_eur,
                                 started_at=t.started_at or t.issued_at, ended_at=t.ended_at or t.issued_at,
                                 end_reason=t.end_reason or "unplugged")
-            for t in self.repo.unacked_tickets(d))
+            for t in self.repo.unacked_tickets(d)[:protocol.LIST_MAX_ITEMS])  # the rest after their acks
         self._to_driver(d, protocol.DriverHelloResponse(driver_id=d, correlation_id=msg.correlation_id,
                                                         tickets=tickets, active_session=active))
 
@@ -595,18 +902,21 @@ class CentralActor(SupervisedActor):
             return
         if words[0] in ("stop", "resume") and len(words) == 2:
             self._admin(words[0], None if words[1].lower() == "all" else words[1])
+        elif words[0] == "close" and len(words) == 2:
+            log.info("%s", self._close_command(words[1], "console"))
         elif words[0] == "status":
             for c in sorted(self.cps.values(), key=lambda c: c.cp_id):
                 log.info("%s %-12s %s %s", c.cp_id, c.state, c.location,
                          f"session {c.session_id}" if c.session_id else "")
         else:
-            log.info("Commands: stop CP_ID | stop all | resume CP_ID | resume all | status")
+            log.info("Commands: stop CP_ID | stop all | resume CP_ID | resume all | close SESSION_ID | status")
 
     def _admin(self, action: str, cp_id: str | None) -> str:
         targets = list(self.cps.values()) if cp_id is None else [self.cps[cp_id]] if cp_id in self.cps else []
         if not targets:
             log.info("Unknown CP %s", cp_id)
             return f"unknown CP {cp_id}"
+        self.repo.set_cp_stopped(None if cp_id is None else [cp_id], action == "stop")  # kept across restarts
         for cp in targets:
             cp.stopped = action == "stop"
             if cp.link is not None:
@@ -656,6 +966,7 @@ class CentralActor(SupervisedActor):
         protocol.SupplyEnded: _on_supply_ended,
         protocol.CpSupplyRequest: _on_cp_supply_request,
         protocol.ErrorMessage: _on_cp_error,
+        protocol.BillingQuery: _on_billing_query,
     }
 
     #: One handler per driver request type on ``driver_requests``.

@@ -156,6 +156,7 @@ class DriverActor(SupervisedActor):
         # links
         self._pump_urn: str | None = None
         self._online = False
+        self._cps_after: str | None = None  # next_after of the last page of CPs shown
         self._deferred: list[m.Command] = []
         self._timers: list[threading.Timer] = []
         # requests and supply
@@ -341,6 +342,7 @@ class DriverActor(SupervisedActor):
                     self._on_hello(msg)  # a late answer is news only while no later one came
             case protocol.AvailableCpsResponse():
                 if self._settle(corr, "list") is not None:
+                    self._cps_after = msg.next_after if msg.more else None  # where "list more" goes on
                     self._show(m.CpsNews(msg))
             case protocol.ChargeResponse():
                 self._on_charge_response(msg)
@@ -478,6 +480,14 @@ class DriverActor(SupervisedActor):
             return
         if ev.event == "authorized":
             self._announce(ev.session_id, ev.cp_id)
+            if pending is not None and pending.session_id in (None, ev.session_id):
+                # Central's answer to our pending request, told as an event: its charge_response may
+                # never come (Central restarted after opening the session, then confirmed it with the CP)
+                self._settle(self._corr_of(pending), "charge")
+                self._adopt(ev.session_id, ev.cp_id)
+                self._live_changed()
+                if pending.for_service is not None:
+                    self._to_services(m.ServiceAuthorised(pending.for_service, ev.session_id))
             return
         self._show(m.StepNews(ev))
         if ev.event == "denied" and pending is not None and pending.session_id == ev.session_id:
@@ -596,9 +606,10 @@ class DriverActor(SupervisedActor):
             return
         live = self._live
         match command:
-            case m.ListCps():
+            case m.ListCps(more):
+                after = self._cps_after if more else None  # "list more" after the last page: the first again
                 self._request(_Pending("list"), lambda corr: protocol.AvailableCpsRequest(
-                    driver_id=self.driver_id, correlation_id=corr), "list request")
+                    driver_id=self.driver_id, correlation_id=corr, after=after), "list request")
                 self._show(m.CommandNews("list_sent", command))
             case m.ChargeAt(cp_id):
                 self._console_charge(command, cp_id)

@@ -23,7 +23,8 @@ log = logging.getLogger("evcharging.driver")
 CENTRAL_UNAVAILABLE = "Central is unavailable"
 HELP = (
     "Commands:\n"
-    "  list          show the charging points (id, location, price, state)\n"
+    "  list          show the charging points (id, location, price, state), a page at a time\n"
+    "  list more     the next page of charging points\n"
     "  charge CP_ID  ask Central for a supply at CP_ID\n"
     "  stop          stop your live supply (the ticket follows)\n"
     "  status        what this app knows right now\n"
@@ -74,7 +75,7 @@ class DriverConsole(SupervisedActor):
             case m.DeniedNews(resp):
                 log.warning("Denied at %s: %s", resp.cp_id, resp.reason or "no reason given")
             case m.CpsNews(resp):
-                self._show_cps(resp.charging_points)
+                self._show_cps(resp)
             case m.StopNews(resp):
                 if resp.status == "ok":
                     log.info("Central is stopping your supply%s; the ticket follows",
@@ -114,7 +115,7 @@ class DriverConsole(SupervisedActor):
         command: m.Command | None = None
         match cmd:
             case "list":
-                command = m.ListCps()
+                command = m.ListCps(more=bool(args) and args[0].lower() == "more")
             case "charge" if self.services_total is not None:
                 log.info("This app runs a services file; it requests the supplies itself")
             case "charge" if len(args) == 1:
@@ -219,16 +220,22 @@ class DriverConsole(SupervisedActor):
                 else:
                     log.info("Bye")
 
-    def _show_cps(self, cps: tuple[protocol.CpInfo, ...]) -> None:
+    def _show_cps(self, resp: protocol.AvailableCpsResponse) -> None:
+        """One page of CPs; when Central has more, say how many in all and how to see the next page."""
+        cps = resp.charging_points
         if not cps:
-            log.info("Central knows no charging points yet")
+            log.info("Central knows no charging points yet" if not resp.total else "No more charging points")
             return
         rows = [("CP", "LOCATION", "PRICE", "STATE")] + [
             (c.cp_id, c.location, f"{c.price_eur_kwh:.2f} €/kWh", c.state) for c in cps]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         available = sum(1 for c in cps if c.state == "ACTIVE")
-        log.info("%d charging point(s), %d available:\n%s", len(cps), available, "\n".join(lines))
+        if resp.more:
+            log.info("%d charging point(s) of %s, %d of these available (type 'list more' for the next page):\n%s",
+                     len(cps), resp.total if resp.total is not None else "more", available, "\n".join(lines))
+        else:
+            log.info("%d charging point(s), %d available:\n%s", len(cps), available, "\n".join(lines))
 
     def _on_status(self, s: m.StatusNews) -> None:
         link = "connected to Kafka" if s.online else "connecting to Kafka"

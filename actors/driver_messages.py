@@ -32,7 +32,9 @@ RequestKind = Literal["hello", "list", "charge", "stop"]
 # --- console → driver: what the person asked for --------------------------------
 @dataclass(frozen=True, slots=True)
 class ListCps:
-    """``list``: ask Central for the charging points."""
+    """``list``: ask Central for the first page of charging points; ``list more``: the next page."""
+
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,8 @@ class EngineOptions:
     completion_retry_max: float = 10.0
     completion_ack_timeout: float = 30.0
     monitor_grace: float = 2.0  # a supply outlives its Monitor link this long (a restarted Monitor is back sooner)
+    billing_check: float = 5.0  # how often to ask Central about completions whose ticket was not seen
+    republish_after: float = 15.0  # a completion without Central's ticket this long after sending is sent again
 
 
 # --- messages ------------------------------------------------------------------
@@ -111,6 +113,11 @@ class _SendCompletion:
 @dataclass(frozen=True, slots=True)
 class _Recover:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _BillingCheck:
+    """Time to ask Central about (and maybe republish) completions not yet billed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +194,15 @@ class EngineActor(SupervisedActor):
         self._drained: list[threading.Event] = []
         self._cp_requests: dict[str, str] = {}  # correlation id -> driver id, typed at the CP
         self._delay = backoff_strategy(options.completion_retry_base, options.completion_retry_max)
+        self._republished: dict[str, float] = {}  # session id -> when its completion was last (re)sent
+        self._billing_ticker: Ticker | None = None
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
         self._journal = EngineJournal.open(self.journal_path)
         self.actor_ref.tell(_Recover())
+        self._billing_ticker = Ticker(self.options.billing_check, self.actor_ref, _BillingCheck(),
+                                      name="engine-billing-check")
 
     def teardown(self) -> None:
         # A live supply stays 'supplying' in the journal on purpose: the next
@@ -208,6 +219,8 @@ class EngineActor(SupervisedActor):
                 pending.timer.cancel()
         for event in self._drained:
             event.set()
+        if self._billing_ticker is not None:
+            self._billing_ticker.stop()
         if self._journal is not None:
             self._journal.close()
 
@@ -254,6 +267,8 @@ class EngineActor(SupervisedActor):
                     self._publish_completion(sid)
             case _Recover():
                 self._recover()
+            case _BillingCheck():
+                self._billing_check()
             case EngineStatus():
                 return self._status()
             case ShutdownSupply(drained):
@@ -320,6 +335,10 @@ class EngineActor(SupervisedActor):
                 self._on_resume_cp()
             case protocol.CpSupplyResponse():
                 self._on_cp_supply_response(msg)
+            case protocol.CancelSupply(session_id, reason):
+                self._on_cancel_supply(link, session_id, reason)
+            case protocol.SessionBilled(session_id):
+                self._on_session_billed(session_id)
             case protocol.ErrorMessage(reason):
                 log.warning("%s: the Monitor could not accept a message: %s", self._me, reason)
             case _:
@@ -352,6 +371,11 @@ class EngineActor(SupervisedActor):
             "%s: the Monitor confirmed the CP id; price %s", cp_id,
             f"{price:.2f} €/kWh" if price else "not known yet (Central has not answered)",
         )
+        # Tell the (maybe restarted) Monitor which session this CP holds: its
+        # heartbeat carries it to Central, which reconciles its sessions with it.
+        s = self._supply
+        self._send(link, protocol.SupplyState(cp_id=cp_id, session_id=s.session_id if s else None,
+                                              plugged=bool(s and s.plugged)))
 
     def _refusal(self, msg: protocol.AuthorizeSupply) -> str | None:
         """Why this CP cannot accept the supply now, as a sentence; None if it can."""
@@ -412,6 +436,59 @@ class EngineActor(SupervisedActor):
             self._send(link, self._supply_ended(entry))
             return
         log.info("%s: asked to stop supply %s, which is not running here", self._me, session_id)
+
+    def _on_cancel_supply(self, link: pykka.ActorRef[Any], session_id: str, reason: str) -> None:
+        """Central cancelled the session: drop it if no energy flowed, else end it (billed).
+        Always confirmed with ``supply_ended`` (Central repeats the order until then)."""
+        supply = self._supply
+        if supply is not None and supply.session_id == session_id:
+            if supply.plugged:
+                log.warning("%s: Central cancelled supply %s (%s) after the plug-in — ending it; "
+                            "what was supplied is billed", self._me, session_id, reason)
+                self._end("central_stop")
+                return
+            assert self._journal is not None
+            supply.cancel()
+            self._supply = None
+            self._journal.discard(session_id)
+            log.warning("%s: Central cancelled supply %s for driver %s before the plug-in (%s) — dropped, no bill",
+                        self._me, session_id, supply.driver_id, reason)
+            self._send(link, protocol.SupplyEnded(cp_id=supply.cp_id, session_id=session_id, end_reason="central_stop",
+                                                  driver_id=supply.driver_id, energy_kwh=0.0, cost_eur=0.0))
+            return
+        entry = self._journal_get(session_id)
+        if entry is not None and entry.status != "supplying":
+            self._send(link, self._supply_ended(entry))
+        elif self.cp_id is not None:
+            log.info("%s: Central cancelled supply %s, which is not running here", self._me, session_id)
+            self._send(link, protocol.SupplyEnded(cp_id=self.cp_id, session_id=session_id, end_reason="central_stop",
+                                                  energy_kwh=0.0, cost_eur=0.0))
+
+    def _on_session_billed(self, session_id: str) -> None:
+        assert self._journal is not None
+        self._republished.pop(session_id, None)
+        try:
+            if self._journal.mark_billed(session_id):
+                log.info("%s: Central issued the ticket of supply %s", self._me, session_id)
+        except PersistenceError as exc:
+            log.warning("%s: could not note the ticket of supply %s: %s", self._me, session_id, exc)
+
+    def _billing_check(self) -> None:
+        """Completions in Kafka whose ticket we have not seen: ask Central; republish
+        those not billed ``republish_after`` s after they were (last) sent. Central
+        bills a republished completion once (the ticket's unique key)."""
+        assert self._journal is not None
+        now = time.time()
+        for entry in self._journal.unbilled():
+            sid = entry.session_id
+            if self.cp_id is not None:
+                self._send(self._monitor, protocol.BillingQuery(cp_id=self.cp_id, session_id=sid))
+            sent = self._republished.get(sid, entry.published_at or entry.ended_at or now)
+            if sid not in self._pending and now - sent >= self.options.republish_after:
+                log.warning("%s: no ticket from Central for supply %s %.0f s after sending it — sending it again",
+                            self._me, sid, now - sent)
+                self._republished[sid] = now
+                self._queue_completion(entry)
 
     def _on_stop_cp(self, reason: str) -> None:
         if self._supply is not None:

@@ -2,7 +2,10 @@
 
 It owns one :class:`persistence.Repository` connection. Billing asks come
 from session actors; the database's unique ticket key makes a replayed
-completion a no-op that returns the existing ticket. Telemetry checkpoints
+completion a no-op that returns the existing ticket. The bill is Central's
+(``persistence.bill_cents``: energy × the session's price); a completion the
+repository rejects (another CP or driver, a cancelled session, energy below
+what Central metered) is audited here and answered :class:`BillRejected`. Telemetry checkpoints
 are batched and flushed once per ``flush_interval`` in one transaction: they
 only speed up a restart (the completion carries the final figures), so
 writing each of thousands of records per second would buy nothing.
@@ -15,9 +18,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.messages import Bill, BillOrphan, Checkpoint, LoadSession, MarkSupplying, Ready
+from actors.messages import (
+    Bill,
+    BillOrphan,
+    BillRejected,
+    Checkpoint,
+    LoadSession,
+    MarkSupplying,
+    Ready,
+    VetCompletion,
+)
 from actors.runtime import SupervisedActor, Supervision, Ticker
-from persistence import Repository, TicketRecord, UnknownSession
+from persistence import BillingRejected, Repository, TicketRecord, UnknownSession
 from transport import protocol
 
 log = logging.getLogger("evcharging.central.ledger")
@@ -63,11 +75,13 @@ class LedgerActor(SupervisedActor):
                 self._flush()
             case MarkSupplying(sid, at):
                 self.repo.mark_supplying(sid, at)
-            case Bill(completion, cp_state):
-                return self._bill(completion, cp_state)
+            case VetCompletion(completion, metered):
+                return self._vet(completion, metered)
+            case Bill(completion, cp_state, metered):
+                return self._bill(completion, cp_state, metered)
             case BillOrphan(completion):
                 try:
-                    return self._bill(completion, None)
+                    return self._bill(completion, None, 0.0)
                 except UnknownSession:
                     log.error("Completion for unknown session %s from CP %s ignored (no such session in the database)",
                               completion.session_id, completion.cp_id)
@@ -80,12 +94,39 @@ class LedgerActor(SupervisedActor):
                 return True
         return None
 
-    def _bill(self, c: protocol.ChargeCompletion, cp_state: str | None) -> tuple[TicketRecord, bool]:
+    def _metered(self, session_id: str, metered_kwh: float) -> float:
+        """The newest energy Central saw for the session (a checkpoint not flushed yet counts)."""
+        pending = self._pending.get(session_id)
+        return max(metered_kwh, pending[2] if pending else 0.0)
+
+    def _vet(self, c: protocol.ChargeCompletion, metered_kwh: float) -> BillRejected | None:
+        try:
+            self.repo.check_completion(c.session_id, c.energy_kwh, cp_id=c.cp_id, driver_id=c.driver_id,
+                                       metered_kwh=self._metered(c.session_id, metered_kwh))
+        except BillingRejected as exc:
+            return self._rejected(c, exc)
+        return None
+
+    def _rejected(self, c: protocol.ChargeCompletion, exc: BillingRejected) -> BillRejected:
+        """Audit a completion Central does not bill; the router dead-letters its record."""
+        log.warning("Completion %s of session %s (CP %s, driver %s, %.3f kWh, %.2f EUR) rejected: %s",
+                    c.message_id, c.session_id, c.cp_id, c.driver_id, c.energy_kwh, c.cost_eur, exc.reason)
+        self.repo.audit("central", c.cp_id, "completion_rejected",
+                        f"{c.session_id} {exc.kind}: {exc.reason}; reported {c.energy_kwh:.6f} kWh "
+                        f"{c.cost_eur:.4f} EUR, driver {c.driver_id}, message {c.message_id}")
+        return BillRejected(c.session_id, exc.kind, exc.reason)
+
+    def _bill(self, c: protocol.ChargeCompletion, cp_state: str | None,
+              metered_kwh: float) -> tuple[TicketRecord, bool] | BillRejected:
+        try:
+            ticket, created = self.repo.complete_session(
+                c.session_id, c.energy_kwh, c.cost_eur, c.end_reason, c.timestamp,
+                cp_state=cp_state, message_id=c.message_id, topic="charging_session_complete",
+                cp_id=c.cp_id, driver_id=c.driver_id, metered_kwh=self._metered(c.session_id, metered_kwh),
+            )
+        except BillingRejected as exc:
+            return self._rejected(c, exc)
         self._pending.pop(c.session_id, None)
-        ticket, created = self.repo.complete_session(
-            c.session_id, c.energy_kwh, c.cost_eur, c.end_reason, c.timestamp,
-            cp_state=cp_state, message_id=c.message_id, topic="charging_session_complete",
-        )
         if created:
             self.repo.audit("central", c.cp_id, "ticket",
                             f"{c.session_id} {ticket.energy_kwh:.3f} kWh {ticket.cost_eur:.2f} EUR")

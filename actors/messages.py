@@ -29,14 +29,42 @@ class MarkSupplying:
 
 @dataclass(frozen=True, slots=True)
 class Bill:
-    """Ask: complete the session and issue its ticket, in one transaction.
+    """Ask: complete the session and issue its ticket, in one transaction, with
+    Central's own figure (``persistence.bill_cents``; the Engine's cost is only
+    cross-checked).
 
     Returns ``(TicketRecord, created)``; a replay returns the existing ticket
-    with ``created=False``. ``cp_state`` is None for an orphan completion.
+    with ``created=False``; a completion Central will not bill returns a
+    :class:`BillRejected` (audited). ``cp_state`` is None for an orphan completion;
+    ``metered_kwh`` is the newest energy the session actor saw in telemetry.
     """
 
     completion: protocol.ChargeCompletion
     cp_state: str | None
+    metered_kwh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class VetCompletion:
+    """Ask the ledger, before a session ends its supply: would this completion be billed?
+
+    Returns None (yes, or it is a replay of a billed one) or a :class:`BillRejected`
+    (audited), so a forged or mismatched completion never ends a live supply.
+    """
+
+    completion: protocol.ChargeCompletion
+    metered_kwh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BillRejected:
+    """The ledger's answer for a completion Central does not bill: it names another CP
+    or driver than the session, the session was cancelled, or its energy is below what
+    Central metered. Audited; the router sets the record aside (dead letter)."""
+
+    session_id: str
+    kind: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

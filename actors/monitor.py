@@ -109,7 +109,10 @@ class MonitorActor(SupervisedActor):
         self.registered = False
         self.stopped = False
         self.stop_reason = ""
-        self.supplying: str | None = None
+        self.supplying: str | None = None  # the session whose vehicle is plugged in
+        # The session the Engine holds (authorised or supplying): the heartbeat's
+        # supplying_session_id, which Central reconciles its live sessions with.
+        self.session: str | None = None
         # engine health: None = not known yet (no answer, no timeout so far)
         self.engine_ok: bool | None = None
         self._fault_reported = False
@@ -229,6 +232,7 @@ class MonitorActor(SupervisedActor):
                 # The Engine ends it (monitor_lost) and reports it over Kafka.
                 log.warning("%s: supply %s ends with the Engine link", self.cp_id, self.supplying)
                 self.supplying = None
+            self.session = None  # learnt again from the Engine's supply_state
             # A closed socket is an answer: the Engine is gone (or unreachable)
             # now, not after the health timeout. Reconnecting clears it.
             self._set_engine_ok(False, f"the Engine is not connected ({reason})")
@@ -317,6 +321,7 @@ class MonitorActor(SupervisedActor):
             log.warning("%s: the Engine is KO: %s", self.cp_id, reason)
             if self.supplying is not None:
                 self.supplying = None  # the Engine ends a supply when it goes KO
+            self.session = None
             self._report_fault(reason)
         if before is None:
             self._heartbeat()  # the first life message waited for this
@@ -335,7 +340,7 @@ class MonitorActor(SupervisedActor):
         self._update_state()
         self._send(CENTRAL, protocol.Heartbeat(
             cp_id=self.cp_id, engine_ok=bool(self.engine_ok), state=self._state,
-            supplying_session_id=self.supplying,
+            supplying_session_id=self.session or self.supplying,
         ))
 
     # --- relaying ---------------------------------------------------------------------------
@@ -351,15 +356,25 @@ class MonitorActor(SupervisedActor):
                 self._last_answer = time.monotonic()
                 self._set_engine_ok(True)
             case protocol.SupplyStarted(session_id=sid):
-                self.supplying = sid
+                self.supplying = self.session = sid
                 log.info("%s: supplying %s", self.cp_id, sid)
                 self._to_central(msg)
             case protocol.SupplyEnded(session_id=sid, end_reason=why):
                 if self.supplying == sid:
                     self.supplying = None
+                if self.session == sid:
+                    self.session = None
                 log.info("%s: supply %s ended (%s)", self.cp_id, sid, why.replace("_", " "))
                 self._to_central(msg)
-            case protocol.SupplyAuthorizationResponse():
+            case protocol.SupplyAuthorizationResponse(session_id=sid, accepted=accepted):
+                if accepted:
+                    self.session = sid
+                self._to_central(msg)
+            case protocol.SupplyState(session_id=sid, plugged=plugged):
+                # The Engine's answer to hello: what it holds (also after our restart).
+                self.session = sid
+                self.supplying = sid if plugged else None
+            case protocol.BillingQuery():
                 self._to_central(msg)
             case protocol.CpSupplyRequest(cp_id, driver_id, correlation_id):
                 if self.registered:
@@ -396,7 +411,8 @@ class MonitorActor(SupervisedActor):
                 self.stopped, self.stop_reason = False, ""
                 log.info("%s: resumed by Central", self.cp_id)
                 self._to_engine(msg)
-            case protocol.StopSupply() | protocol.CpSupplyResponse():
+            case protocol.StopSupply() | protocol.CpSupplyResponse() | protocol.CancelSupply() \
+                    | protocol.SessionBilled():
                 self._to_engine(msg)
             case protocol.ErrorMessage(reason=reason):
                 log.warning("%s: Central could not accept a message: %s", self.cp_id, reason)
@@ -443,4 +459,5 @@ class MonitorActor(SupervisedActor):
             "location": self.location,
             "stopped": self.stopped,
             "supplying_session_id": self.supplying,
+            "session_id": self.session or self.supplying,
         }

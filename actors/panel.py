@@ -34,6 +34,9 @@ from rich.text import Text
 
 from actors.runtime import SupervisedActor, Supervision
 
+#: A message line containing this is a fault (Central writes "FAULT: ..."), shown in red.
+FAULT_MARK = "FAULT:"
+
 STYLE = {
     "ACTIVE": ("white on green4", "ACTIVE"),
     "SUPPLYING": ("white on green4", "SUPPLYING"),
@@ -124,7 +127,13 @@ def render(s: PanelSnapshot, max_tiles: int | None = None) -> Group:
         at = time.localtime(r.started_at) if r.started_at else None
         requests.add_row(time.strftime("%d/%m/%y", at) if at else "", time.strftime("%H:%M:%S", at) if at else "",
                          r.driver_id, r.cp_id, r.status)
-    messages = Panel(Text("\n".join(s.messages) or "—"), title="Application messages", title_align="left")
+    lines = Text("\n".join(s.messages) or "—")
+    start = 0
+    for line in s.messages:  # faults (e.g. a record set aside in a dead-letter topic) in red
+        if FAULT_MARK in line:
+            lines.stylize("bold red", start, start + len(line))
+        start += len(line) + 1
+    messages = Panel(lines, title="Application messages", title_align="left")
     header = Text(f"EV Charging — Central   {time.strftime('%H:%M:%S', time.localtime(s.at))}", style="bold")
     counts = Counter(t.state for t in s.tiles)
     summary = f"{len(s.tiles)} CPs: " + " · ".join(f"{n} {state}" for state, n in sorted(counts.items()))

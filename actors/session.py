@@ -13,7 +13,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from actors.messages import Bill, Checkpoint, LoadSession, SessionBilled, SessionStats, SupplyFinished, Telemetry
+from actors.messages import (
+    Bill,
+    BillRejected,
+    Checkpoint,
+    LoadSession,
+    SessionBilled,
+    SessionStats,
+    SupplyFinished,
+    Telemetry,
+    VetCompletion,
+)
 from actors.runtime import Directory, SupervisedActor, Supervision
 from persistence import LIVE_STATUSES, SessionRecord, TicketRecord
 from transport import protocol
@@ -43,6 +53,7 @@ class SessionActor(SupervisedActor):
         self.cost_eur = record.cost_eur
         self.power_kw = 0.0
         self.duplicates = 0
+        self.rejected = 0
         self.billed: TicketRecord | None = None
 
     def setup(self) -> None:
@@ -74,7 +85,8 @@ class SessionActor(SupervisedActor):
                 return self._complete(message)
             case SessionStats():
                 return {"session_id": self.record.session_id, "last_seq": self.last_seq, "energy_kwh": self.energy_kwh,
-                        "cost_eur": self.cost_eur, "duplicates": self.duplicates, "billed": self.billed is not None}
+                        "cost_eur": self.cost_eur, "duplicates": self.duplicates, "billed": self.billed is not None,
+                        "rejected": self.rejected}
         return None
 
     def _meter(self, records: tuple[protocol.ChargingData, ...]) -> None:
@@ -100,25 +112,41 @@ class SessionActor(SupervisedActor):
         self.directory.tell("publisher", Publish("driver_responses", r.driver_id, update))
         self.directory.tell("ledger", Checkpoint(r.session_id, data.seq, data.energy_kwh, data.cost_eur))
 
-    def _complete(self, c: protocol.ChargeCompletion) -> TicketRecord:
-        """Bill once (durably) and send the ticket; returns the ticket."""
+    def _complete(self, c: protocol.ChargeCompletion) -> TicketRecord | BillRejected:
+        """Bill once (durably, Central's figure) and send the ticket; returns the ticket.
+
+        A completion the ledger rejects (another CP or driver, a cancelled session,
+        energy below what we metered) changes nothing here: the supply goes on in
+        Central's view and the genuine completion is still awaited. The rejection
+        (audited by the ledger) is returned, and the router dead-letters the record.
+        """
         r = self.record
-        if self.billed is None:
-            central, ledger = self.directory.get("central"), self.directory.get("ledger")
-            if ledger is None:
-                raise RuntimeError("the ledger is not running; the completion will be redelivered")
-            cp_state: str | None = (central.ask(SupplyFinished(r.cp_id, r.session_id), block=True, timeout=10)
-                                    if central else None)
-            answer: tuple[TicketRecord, bool] = ledger.ask(Bill(c, cp_state), block=True, timeout=30)
-            ticket, created = answer
-            self.billed = ticket
-            if created:
-                log.info("Ticket for %s at %s: %.3f kWh, %.2f € (%s), driver %s",
-                         r.session_id, r.cp_id, ticket.energy_kwh, ticket.cost_eur, ticket.end_reason, r.driver_id)
-            self.directory.tell("central", SessionBilled(r.session_id, r.cp_id, r.driver_id, ticket.energy_kwh,
-                                                         ticket.cost_eur, ticket.end_reason or c.end_reason, created))
-            self.actor_ref.stop(block=False)  # after this message; late duplicates go to the ledger directly
-        else:
-            self.duplicates += 1
-        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(self.billed)))
-        return self.billed
+        if self.billed is not None and (c.cp_id, c.driver_id) == (r.cp_id, r.driver_id):
+            self.duplicates += 1  # a replay in the moment before this actor stops
+            self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(self.billed)))
+            return self.billed
+        ledger = self.directory.get("ledger")
+        if ledger is None:
+            raise RuntimeError("the ledger is not running; the completion will be redelivered")
+        verdict: BillRejected | None = ledger.ask(VetCompletion(c, self.energy_kwh), block=True, timeout=30)
+        if verdict is not None or self.billed is not None:
+            self.rejected += 1
+            return verdict or BillRejected(r.session_id, "mismatch", "it does not match the billed session")
+        central = self.directory.get("central")
+        cp_state: str | None = (central.ask(SupplyFinished(r.cp_id, r.session_id), block=True, timeout=10)
+                                if central else None)
+        answer: tuple[TicketRecord, bool] | BillRejected = ledger.ask(Bill(c, cp_state, self.energy_kwh),
+                                                                      block=True, timeout=30)
+        if isinstance(answer, BillRejected):  # vetted a moment ago: only if the session changed meanwhile
+            self.rejected += 1
+            return answer
+        ticket, created = answer
+        self.billed = ticket
+        if created:
+            log.info("Ticket for %s at %s: %.3f kWh, %.2f € (%s), driver %s",
+                     r.session_id, r.cp_id, ticket.energy_kwh, ticket.cost_eur, ticket.end_reason, r.driver_id)
+        self.directory.tell("central", SessionBilled(r.session_id, r.cp_id, r.driver_id, ticket.energy_kwh,
+                                                     ticket.cost_eur, ticket.end_reason or c.end_reason, created))
+        self.actor_ref.stop(block=False)  # after this message; late duplicates go to the ledger directly
+        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(ticket)))
+        return ticket

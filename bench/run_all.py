@@ -24,13 +24,15 @@ BENCHES = [
     ("bench.ingest", [], 110, 410),
     ("bench.latency", [], 140, 270),
     ("bench.restart", [], 100, 170),
-    ("bench.scale", [], 300, 0),
+    ("bench.scale", [], 300, 40),
+    ("bench.durability", [], 40, 0),
 ]
 QUICK = {
     "bench.ingest": ["--records", "10000"],
     "bench.latency": ["--list", "200", "--charge", "40"],
     "bench.restart": ["--kills", "20", "--monitors", "10", "--rounds", "1"],
     "bench.scale": ["--cps", "50", "200", "--window", "10", "--small-window", "8", "--settle-max", "10"],
+    "bench.durability": ["--sessions", "100", "--rounds", "1"],
 }
 
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=590.0, help="total seconds for all four")
     p.add_argument("--quick", action="store_true", help="small sizes, for trying the harness (figures not comparable)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these (ingest latency restart scale)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these (ingest latency restart scale durability)")
     args = p.parse_args(argv)
     out_dir = ROOT / "run" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)

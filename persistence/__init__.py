@@ -8,6 +8,7 @@ it). Each instance owns one connection used by one thread at a time.
 
 from persistence.db import MIGRATIONS, Migration, migrate, open_database, schema_version, transaction
 from persistence.errors import (
+    BillingRejected,
     Conflict,
     NestedTransactionError,
     PersistenceError,
@@ -17,12 +18,15 @@ from persistence.errors import (
 )
 from persistence.journal import JOURNAL_MIGRATIONS, EngineJournal
 from persistence.records import (
+    DEFAULT_MAX_POWER_KW,
     LIVE_STATUSES,
     AuditRecord,
+    ChargeRequestRecord,
     CpRecord,
     JournalEntry,
     SessionRecord,
     TicketRecord,
+    bill_cents,
     cents_from_eur,
 )
 from persistence.repository import Checkpoint, Repository
@@ -40,6 +44,7 @@ __all__ = [
     "SchemaTooNew",
     "NestedTransactionError",
     "Conflict",
+    "BillingRejected",
     "UnknownSession",
     "UnknownChargingPoint",
     "Repository",
@@ -49,6 +54,9 @@ __all__ = [
     "SessionRecord",
     "TicketRecord",
     "AuditRecord",
+    "ChargeRequestRecord",
+    "DEFAULT_MAX_POWER_KW",
     "JournalEntry",
     "cents_from_eur",
+    "bill_cents",
 ]

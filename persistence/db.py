@@ -125,9 +125,55 @@ CREATE TABLE audit_log (
 );
 """
 
+# Issue #10: Central computes the bill (and flags implausible energy), answers a
+# redelivered charge_request with its first answer, and remembers operator stops.
+_SCHEMA_V2: Final = """
+-- The most a CP can deliver: energy above max_power_kw over a session's duration
+-- is flagged for review and not billed (see Repository.complete_session).
+ALTER TABLE charging_points ADD COLUMN max_power_kw REAL NOT NULL DEFAULT 350
+    CHECK (max_power_kw > 0);
+-- The operator's stop/resume decision (1 = stopped), kept across Central restarts.
+ALTER TABLE charging_points ADD COLUMN stopped INTEGER NOT NULL DEFAULT 0 CHECK (stopped IN (0, 1));
+
+-- Why a bill needs an operator's look (NULL: nothing to look at).
+ALTER TABLE sessions ADD COLUMN review TEXT;
+ALTER TABLE tickets ADD COLUMN review TEXT;
+-- What the Engine reported; the ticket's energy/cost are Central's own figures.
+ALTER TABLE tickets ADD COLUMN reported_energy_kwh REAL;
+ALTER TABLE tickets ADD COLUMN reported_cost_eur REAL;
+
+-- The first answer to each charge_request, written in the transaction that
+-- opens its session (status 'pending' until the CP answers) or records its
+-- denial: a redelivered request gets this answer again, never a new one.
+CREATE TABLE charge_requests (
+    driver_id       TEXT NOT NULL,
+    correlation_id  TEXT NOT NULL,
+    cp_id           TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'authorized', 'denied')),
+    session_id      TEXT REFERENCES sessions (session_id),
+    reason          TEXT,
+    at              REAL NOT NULL,
+    PRIMARY KEY (driver_id, correlation_id)
+);
+CREATE INDEX charge_requests_by_session ON charge_requests (session_id) WHERE session_id IS NOT NULL;
+"""
+
+# Issue #10 (sessions that cannot get stuck): Central's own record of when it
+# was up, so a charge request appended while it was down is recognised without
+# trusting the producer's clock (see CentralActor._request_expired).
+_SCHEMA_V3: Final = """
+CREATE TABLE central_runs (
+    run_id    INTEGER PRIMARY KEY,
+    up_since  REAL NOT NULL,
+    alive_at  REAL NOT NULL
+);
+"""
+
 #: Central's schema history. Append only: never edit an applied step.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "charging points, drivers, sessions, tickets, dedupe, audit", _SCHEMA_V1),
+    Migration(2, "central bills (max power, review flags), charge request answers, durable stops", _SCHEMA_V2),
+    Migration(3, "central runs: up since / alive at (Central's own record of its downtime)", _SCHEMA_V3),
 )
 
 _SCHEMA_VERSION_DDL: Final = """
@@ -306,16 +352,25 @@ def _db_name(conn: sqlite3.Connection) -> str:
 
 class SqliteStore:
     """One SQLite file opened and migrated, closed once: what Repository and
-    EngineJournal share (a context manager; ``open`` is an alias of the constructor)."""
+    EngineJournal share (a context manager; ``open`` is an alias of the constructor).
+
+    ``durable`` (default :attr:`DURABLE`, True): ``synchronous=FULL``, an fsync at
+    every commit, so a ticket, a charge-request answer or an operator's stop that
+    was committed survives an OS crash or power cut too, not only a SIGKILL; the
+    Engine's journal likewise, so after a power cut it is never behind the
+    telemetry Central already saw (Central rejects a completion below that).
+    Its cost is measured in ``bench/durability.py``. ``durable=False`` is NORMAL.
+    """
 
     MIGRATIONS: Sequence[Migration] = ()
+    DURABLE: bool = True
 
-    def __init__(self, path: str | Path, *, durable: bool = False,
+    def __init__(self, path: str | Path, *, durable: bool | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._path = str(path)
         self._clock = clock
         self._closed = False
-        self._conn = open_database(path, durable=durable)
+        self._conn = open_database(path, durable=self.DURABLE if durable is None else durable)
         try:
             migrate(self._conn, self.MIGRATIONS)
         except BaseException:
@@ -323,7 +378,8 @@ class SqliteStore:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, *, durable: bool = False, clock: Callable[[], float] = time.time) -> Self:
+    def open(cls, path: str | Path, *, durable: bool | None = None,
+             clock: Callable[[], float] = time.time) -> Self:
         """Open (creating and migrating if needed) the database at ``path``."""
         return cls(path, durable=durable, clock=clock)
 

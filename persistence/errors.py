@@ -19,6 +19,7 @@ __all__ = [
     "Conflict",
     "UnknownSession",
     "UnknownChargingPoint",
+    "BillingRejected",
 ]
 
 
@@ -86,3 +87,16 @@ class UnknownChargingPoint(PersistenceError, LookupError):
     def __init__(self, cp_id: str) -> None:
         self.cp_id = cp_id
         super().__init__(f"There is no charging point with id {cp_id!r}.")
+
+
+class BillingRejected(PersistenceError):
+    """A completion Central will not bill (nothing was written): it names another
+    CP or driver than the session, the session was cancelled, or its energy is
+    below what Central already metered. ``kind`` says which, for the audit."""
+
+    def __init__(self, session_id: str, kind: Literal["cp_mismatch", "driver_mismatch", "cancelled", "below_metered"],
+                 reason: str) -> None:
+        self.session_id = session_id
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"Completion of session {session_id} rejected: {reason}")

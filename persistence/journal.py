@@ -9,11 +9,15 @@ restart, finishes and publishes what :meth:`EngineJournal.unfinished` and
 harmless: Central's unique ticket key turns a duplicate into a no-op.
 
 Life cycle of a row: ``begin`` → 'supplying' → ``finish`` → 'ended'
-(completion to be published) → ``mark_published`` → 'published'.
+(completion to be published) → ``mark_published`` → 'published' →
+``mark_billed`` (Central's ``session_billed``: ``billed_at`` set; until then the
+Engine republishes the completion now and then). A supply Central cancelled
+before the plug-in is ``discard``-ed (no completion, no bill).
 
 The journal is its own small SQLite file, opened with the same settings as
-Central's database (WAL, ``synchronous=NORMAL``: an update that returned
-survives a SIGKILL of the Engine). Thread-safety: one connection, used by
+Central's database (WAL, ``synchronous=FULL``: an update that returned
+survives a SIGKILL of the Engine and a power cut, so the journal is never
+behind the telemetry Central saw; Central rejects a completion below that). Thread-safety: one connection, used by
 one thread at a time (the Engine actor that owns it).
 """
 
@@ -47,9 +51,18 @@ CREATE TABLE supplies (
 CREATE INDEX supplies_by_status ON supplies (status);
 """
 
+# Version 2: Central's ticket. A 'published' supply stays unbilled (billed_at
+# NULL) until Central says ``session_billed``; until then the Engine asks
+# Central and republishes its completion now and then (issue #10 item 7).
+_JOURNAL_V2: Final = """
+ALTER TABLE supplies ADD COLUMN billed_at REAL;
+CREATE INDEX supplies_unbilled ON supplies (status) WHERE billed_at IS NULL;
+"""
+
 #: The journal's schema history (independent of Central's). Append only.
 JOURNAL_MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "engine supply journal", _JOURNAL_V1),
+    Migration(2, "billed_at: Central's ticket seen", _JOURNAL_V2),
 )
 
 _COLS = columns(JournalEntry)
@@ -161,4 +174,45 @@ class EngineJournal(SqliteStore):
                 "DELETE FROM supplies WHERE status = 'published' AND published_at < ?", (before,)
             )
         return cursor.rowcount
+
+    # --- Central's ticket (schema version 2) -------------------------------------
+
+    def mark_billed(self, session_id: str) -> bool:
+        """Central has the ticket: nothing left to republish. Marks a finished
+        entry ('ended' or 'published'; the ticket proves the completion arrived)
+        billed; True if this call marked it, False if already billed, still
+        supplying, or unknown."""
+        with transaction(self._conn):
+            now = self._clock()
+            cursor = self._conn.execute(
+                "UPDATE supplies SET billed_at = ?, status = 'published', published_at = COALESCE(published_at, ?) "
+                "WHERE session_id = ? AND status IN ('ended', 'published') AND billed_at IS NULL",
+                (now, now, session_id),
+            )
+        return cursor.rowcount == 1
+
+    def unbilled(self) -> list[JournalEntry]:
+        """Supplies whose completion is in Kafka but whose ticket the Engine has not
+        seen yet (oldest first)."""
+        rows = self._conn.execute(
+            f"SELECT {_COLS} FROM supplies WHERE status = 'published' AND billed_at IS NULL "
+            "ORDER BY started_at, session_id"
+        )
+        return [JournalEntry(*row) for row in rows]
+
+    def billed_at(self, session_id: str) -> float | None:
+        """When the Engine learnt the session was billed (None: not yet, or unknown)."""
+        row = self._conn.execute("SELECT billed_at FROM supplies WHERE session_id = ?", (session_id,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def discard(self, session_id: str) -> bool:
+        """Forget a supply Central cancelled before any energy flowed (still
+        'supplying' with no telemetry step): no completion, no bill. True if
+        removed; False if it had supplied, ended, or is unknown."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "DELETE FROM supplies WHERE session_id = ? AND status = 'supplying' AND last_seq = 0",
+                (session_id,),
+            )
+        return cursor.rowcount == 1
 

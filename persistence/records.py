@@ -18,12 +18,18 @@ __all__ = [
     "TicketRecord",
     "AuditRecord",
     "JournalEntry",
+    "ChargeRequestRecord",
     "cents_from_eur",
+    "bill_cents",
+    "DEFAULT_MAX_POWER_KW",
     "columns",
 ]
 
 #: Session statuses that hold the driver's and the CP's single live slot.
 LIVE_STATUSES: Final = ("authorized", "supplying")
+
+#: A CP's power limit when the operator did not give one (migration 2's column default).
+DEFAULT_MAX_POWER_KW: Final = 350.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,8 @@ class CpRecord:
     location: str
     price_eur_kwh: float
     state: str
+    max_power_kw: float = DEFAULT_MAX_POWER_KW
+    stopped: bool = False  # the operator's durable stop decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,7 @@ class SessionRecord:
     energy_kwh: float
     cost_eur: float
     end_reason: str | None
+    review: str | None = None  # why the bill needs an operator's look (None: nothing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,25 @@ class TicketRecord:
     end_reason: str | None
     issued_at: float
     acked_at: float | None
+    review: str | None = None  # why the bill needs an operator's look (None: nothing)
+    reported_energy_kwh: float | None = None  # the Engine's figures; energy/cost above are Central's
+    reported_cost_eur: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequestRecord:
+    """The first answer to a driver's charge_request, kept so a redelivery gets it again.
+
+    ``status`` 'pending' means the CP has not answered yet (the session is open).
+    """
+
+    driver_id: str
+    correlation_id: str
+    cp_id: str
+    status: str
+    session_id: str | None
+    reason: str | None
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +150,18 @@ def cents_from_eur(cost_eur: float) -> int:
     shortest decimal representation avoids both.
     """
     return int(Decimal(repr(float(cost_eur))).scaleb(2).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+_CENT: Final = Decimal("0.01")
+
+
+def bill_cents(energy_kwh: float, price_eur_kwh: float) -> int:
+    """THE billing rule, in one place: energy × the price agreed at authorisation,
+    rounded once, half up, to whole cents.
+
+    Exact decimal arithmetic on the shortest decimal form of each float (so
+    ``1.005 kWh × 1 €/kWh`` is 1.01 €, not 1.00 € from binary noise), and a
+    single rounding of the product (never a rounded energy times a price).
+    """
+    product = Decimal(repr(float(energy_kwh))) * Decimal(repr(float(price_eur_kwh)))
+    return int(product.quantize(_CENT, rounding=ROUND_HALF_UP).scaleb(2))

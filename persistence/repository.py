@@ -17,16 +17,19 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Final
 
 from persistence.db import MIGRATIONS, SqliteStore, transaction
-from persistence.errors import Conflict, UnknownChargingPoint, UnknownSession
+from persistence.errors import BillingRejected, Conflict, UnknownChargingPoint, UnknownSession
 from persistence.records import (
+    DEFAULT_MAX_POWER_KW,
     AuditRecord,
+    ChargeRequestRecord,
     CpRecord,
     SessionRecord,
     TicketRecord,
-    cents_from_eur,
+    bill_cents,
     columns,
 )
 
@@ -39,7 +42,16 @@ _CP_COLS = columns(CpRecord)
 _SESSION_COLS = columns(SessionRecord)
 _TICKET_COLS = columns(TicketRecord)
 _AUDIT_COLS = columns(AuditRecord)
+_REQUEST_COLS = columns(ChargeRequestRecord)
 _LIVE = "status IN ('authorized', 'supplying')"
+
+#: Energy may differ this much (kWh) from a bound before it counts (float noise).
+_KWH_EPSILON: Final = 1e-6
+#: Seconds added to a session's duration for the power plausibility bound: clock
+#: granularity and the Engine's first tick before Central wrote the session.
+_DURATION_SLACK_S: Final = 10.0
+#: An Engine's cost may differ from Central's by this much (€) before it is audited.
+_COST_TOLERANCE_EUR: Final = 0.01
 
 
 def _check_price(price_eur_kwh: float) -> float:
@@ -48,6 +60,28 @@ def _check_price(price_eur_kwh: float) -> float:
     if not math.isfinite(price) or price < 0:
         raise ValueError(f"A price must be a finite number >= 0 €/kWh, not {price_eur_kwh!r}")
     return price
+
+
+def _check_power(max_power_kw: float) -> float:
+    power = float(max_power_kw)
+    if not math.isfinite(power) or power <= 0:
+        raise ValueError(f"A power limit must be a finite number > 0 kW, not {max_power_kw!r}")
+    return power
+
+
+def _cp_record(row: tuple[Any, ...]) -> CpRecord:
+    record = CpRecord(*row)
+    return replace(record, stopped=bool(record.stopped))
+
+
+def _check_identity(session: SessionRecord, cp_id: str | None, driver_id: str | None) -> None:
+    """A completion must name the session's own CP and driver (when it names them)."""
+    if cp_id is not None and cp_id != session.cp_id:
+        raise BillingRejected(session.session_id, "cp_mismatch",
+                              f"it names CP {cp_id} but the session is at CP {session.cp_id}")
+    if driver_id is not None and driver_id != session.driver_id:
+        raise BillingRejected(session.session_id, "driver_mismatch",
+                              f"it names driver {driver_id} but the session is driver {session.driver_id}'s")
 
 
 def _check_amount(name: str, value: float) -> float:
@@ -89,20 +123,25 @@ class Repository(SqliteStore):
 
     def _cp(self, cp_id: str) -> CpRecord | None:
         row = self._one(f"SELECT {_CP_COLS} FROM charging_points WHERE cp_id = ?", (cp_id,))
-        return CpRecord(*row) if row else None
+        return _cp_record(row) if row else None
 
     # --------------------------------------------------------- charging points
 
-    def upsert_cp(self, cp_id: str, location: str, price_eur_kwh: float) -> CpRecord:
-        """Create or update a CP's location and price (operator action); state is kept."""
+    def upsert_cp(self, cp_id: str, location: str, price_eur_kwh: float,
+                  max_power_kw: float | None = None) -> CpRecord:
+        """Create or update a CP's location, price and (if given) power limit
+        (operator action); state, stop decision and an omitted power limit are kept
+        (a new CP without one gets :data:`DEFAULT_MAX_POWER_KW`)."""
         price = _check_price(price_eur_kwh)
+        power = None if max_power_kw is None else _check_power(max_power_kw)
         with transaction(self._conn):
             self._conn.execute(
-                "INSERT INTO charging_points (cp_id, location, price_eur_kwh, updated_at) "
-                "VALUES (?, ?, ?, ?) "
+                "INSERT INTO charging_points (cp_id, location, price_eur_kwh, updated_at, max_power_kw) "
+                "VALUES (?, ?, ?, ?, COALESCE(?, ?)) "
                 "ON CONFLICT (cp_id) DO UPDATE SET location = excluded.location, "
-                "price_eur_kwh = excluded.price_eur_kwh, updated_at = excluded.updated_at",
-                (cp_id, location, price, self._clock()),
+                "price_eur_kwh = excluded.price_eur_kwh, updated_at = excluded.updated_at, "
+                "max_power_kw = COALESCE(?, max_power_kw)",
+                (cp_id, location, price, self._clock(), power, DEFAULT_MAX_POWER_KW, power),
             )
             record = self._cp(cp_id)
         assert record is not None
@@ -129,7 +168,28 @@ class Repository(SqliteStore):
     def list_cps(self) -> list[CpRecord]:
         """All CPs ordered by id (the panel's and the driver's list)."""
         rows = self._conn.execute(f"SELECT {_CP_COLS} FROM charging_points ORDER BY cp_id")
-        return [CpRecord(*row) for row in rows]
+        return [_cp_record(row) for row in rows]
+
+    def set_cp_stopped(self, cp_ids: Iterable[str] | None, stopped: bool) -> int:
+        """Store the operator's stop/resume decision for these CPs (``None``: every CP),
+        in one transaction; it survives Central's restarts. Returns how many CPs changed."""
+        flag = int(bool(stopped))
+        with transaction(self._conn):
+            if cp_ids is None:
+                cursor = self._conn.execute(
+                    "UPDATE charging_points SET stopped = ?, updated_at = ? WHERE stopped != ?",
+                    (flag, self._clock(), flag),
+                )
+                return cursor.rowcount
+            changed = 0
+            for cp_id in cp_ids:
+                if self._cp(cp_id) is None:
+                    raise UnknownChargingPoint(cp_id)
+                changed += self._conn.execute(
+                    "UPDATE charging_points SET stopped = ?, updated_at = ? WHERE cp_id = ? AND stopped != ?",
+                    (flag, self._clock(), cp_id, flag),
+                ).rowcount
+            return changed
 
     def set_cp_state(self, cp_id: str, state: str) -> None:
         """Record a CP's state; raises UnknownChargingPoint for an unregistered id."""
@@ -172,6 +232,7 @@ class Repository(SqliteStore):
         driver_id: str,
         price_eur_kwh: float,
         at: float,
+        correlation_id: str | None = None,
     ) -> SessionRecord:
         """Create an 'authorized' session (also remembering the driver).
 
@@ -179,6 +240,10 @@ class Repository(SqliteStore):
         CP" hold even against racing actors or processes; a violation is
         raised as :class:`Conflict` naming the session already holding the slot.
         Raises UnknownChargingPoint if the CP is not registered.
+
+        ``correlation_id`` (a driver's charge_request) is stored with the
+        session in the same transaction, as a 'pending' answer (see
+        :meth:`charge_request`); ``price_eur_kwh`` is the price the ticket uses.
         """
         price = _check_price(price_eur_kwh)
         with transaction(self._conn):
@@ -194,6 +259,12 @@ class Repository(SqliteStore):
                 if translated is exc:
                     raise
                 raise translated from exc
+            if correlation_id is not None:
+                self._conn.execute(
+                    "INSERT INTO charge_requests (driver_id, correlation_id, cp_id, status, session_id, at) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (driver_id, correlation_id, cp_id, session_id, at),
+                )
             record = self._session(session_id)
         assert record is not None
         return record
@@ -306,7 +377,49 @@ class Repository(SqliteStore):
                 "WHERE session_id = ?",
                 (reason, at, session_id),
             )
+            # A request the CP had not answered yet is now denied, with this reason
+            # (one the driver was already told 'authorized' keeps that answer).
+            self._conn.execute(
+                "UPDATE charge_requests SET status = 'denied', reason = ? "
+                "WHERE session_id = ? AND status = 'pending'",
+                (reason, session_id),
+            )
             return True
+
+    # -------------------------------------------------------- charge requests
+
+    def charge_request(self, driver_id: str, correlation_id: str) -> ChargeRequestRecord | None:
+        """The stored answer to a driver's charge_request, or None if it is new."""
+        row = self._one(
+            f"SELECT {_REQUEST_COLS} FROM charge_requests WHERE driver_id = ? AND correlation_id = ?",
+            (driver_id, correlation_id),
+        )
+        return ChargeRequestRecord(*row) if row else None
+
+    def record_denial(self, driver_id: str, correlation_id: str, cp_id: str, reason: str,
+                      at: float) -> ChargeRequestRecord:
+        """Store a charge_request's denial (the answer about to be sent) and return the
+        stored answer: this one, or the first one if the request was already answered."""
+        with transaction(self._conn):
+            self._ensure_driver(driver_id)
+            self._conn.execute(
+                "INSERT INTO charge_requests (driver_id, correlation_id, cp_id, status, reason, at) "
+                "VALUES (?, ?, ?, 'denied', ?, ?) ON CONFLICT (driver_id, correlation_id) DO NOTHING",
+                (driver_id, correlation_id, cp_id, reason, at),
+            )
+            record = self.charge_request(driver_id, correlation_id)
+        assert record is not None
+        return record
+
+    def request_authorized(self, session_id: str) -> bool:
+        """The CP accepted: the session's pending charge_request is now answered
+        'authorized' (before the driver is told). False if there was none pending."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE charge_requests SET status = 'authorized' WHERE session_id = ? AND status = 'pending'",
+                (session_id,),
+            )
+        return cursor.rowcount == 1
 
     def complete_session(
         self,
@@ -318,34 +431,60 @@ class Repository(SqliteStore):
         cp_state: str | None = None,
         message_id: str | None = None,
         topic: str | None = None,
+        *,
+        cp_id: str | None = None,
+        driver_id: str | None = None,
+        metered_kwh: float = 0.0,
     ) -> tuple[TicketRecord, bool]:
-        """Bill a supply exactly once, in ONE transaction.
+        """Bill a supply exactly once, in ONE transaction, with Central's own figure.
 
-        If the session already has a ticket, returns ``(existing, False)``
-        and changes nothing (a replayed completion). Otherwise marks the
-        session completed with the final figures, sets the CP's state if
-        ``cp_state`` is given, inserts the ticket (``cost_cents`` rounded
-        half up) and records ``message_id`` as processed if given, then
-        returns ``(ticket, True)``. Either all of that is committed or none.
+        ``energy_kwh``/``cost_eur`` are what the Engine reported. Central bills
+        ``bill_cents(energy, the session's price)`` (the price agreed at
+        authorisation, stored at open); the Engine's cost is only cross-checked:
+        off by more than a cent, an audit line ``cost_mismatch`` is written with
+        the ticket. Energy above what the CP's ``max_power_kw`` can deliver
+        between the session's creation and now (Central's clocks, plus a few
+        seconds) is not billed: the ticket bills that plausible maximum and
+        carries ``review`` (on the session too), with an audit line
+        ``energy_review``.
 
-        A 'cancelled' session can still be completed: an Engine that
-        supplied while Central had lost track of it (e.g. the CP vanished
-        and came back) must still be billed. Raises UnknownSession for an
-        id that does not exist.
+        Raises :class:`BillingRejected`, writing nothing, when ``cp_id`` or
+        ``driver_id`` (if given) is not the session's, when the session was
+        cancelled, or when the energy is below what Central already metered
+        (the stored checkpoint or ``metered_kwh``, whichever is higher, but at
+        most the plausible maximum): an Engine's completion is never below its
+        own telemetry, so that completion is not the Engine's.
+
+        If the session already has a ticket, returns ``(existing, False)`` and
+        changes nothing (a replayed completion). Otherwise marks the session
+        completed, sets the CP's state if ``cp_state`` is given, inserts the
+        ticket and records ``message_id`` as processed if given, then returns
+        ``(ticket, True)``. Either all of that is committed or none. Raises
+        UnknownSession for an id that does not exist.
         """
         energy = _check_amount("energy_kwh", energy_kwh)
-        cost = _check_amount("cost_eur", cost_eur)
-        cents = cents_from_eur(cost)
+        reported_cost = _check_amount("cost_eur", cost_eur)
+        metered = _check_amount("metered_kwh", metered_kwh)
         now = self._clock()
         with transaction(self._conn):
+            session = self._require_session(session_id)
+            _check_identity(session, cp_id, driver_id)
             existing = self._ticket(session_id)
             if existing is not None:
                 return existing, False
-            session = self._require_session(session_id)
+            billed, review = self._assess(session, energy, metered, now)
+            cents = bill_cents(billed, session.price_eur_kwh)
+            cost = cents / 100
+            if abs(reported_cost - energy * session.price_eur_kwh) > _COST_TOLERANCE_EUR + 1e-9:
+                self._audit(now, "central", session.cp_id, "cost_mismatch",
+                            f"{session_id}: the Engine reported {reported_cost:.4f} EUR for {energy:.3f} kWh; "
+                            f"Central bills {cost:.2f} EUR at {session.price_eur_kwh:g} EUR/kWh")
+            if review is not None:
+                self._audit(now, "central", session.cp_id, "energy_review", f"{session_id}: {review}")
             self._conn.execute(
                 "UPDATE sessions SET status = 'completed', energy_kwh = ?, cost_eur = ?, "
-                "end_reason = ?, ended_at = ? WHERE session_id = ?",
-                (energy, cost, end_reason, ended_at, session_id),
+                "end_reason = ?, ended_at = ?, review = ? WHERE session_id = ?",
+                (billed, cost, end_reason, ended_at, review, session_id),
             )
             if cp_state is not None:
                 self._conn.execute(
@@ -354,20 +493,24 @@ class Repository(SqliteStore):
                 )
             self._conn.execute(
                 "INSERT INTO tickets (session_id, driver_id, cp_id, price_eur_kwh, energy_kwh, "
-                "cost_eur, cost_cents, started_at, ended_at, end_reason, issued_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cost_eur, cost_cents, started_at, ended_at, end_reason, issued_at, review, "
+                "reported_energy_kwh, reported_cost_eur) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     session_id,
                     session.driver_id,
                     session.cp_id,
                     session.price_eur_kwh,
-                    energy,
+                    billed,
                     cost,
                     cents,
                     session.started_at,
                     ended_at,
                     end_reason,
                     now,
+                    review,
+                    energy,
+                    reported_cost,
                 ),
             )
             if message_id is not None:
@@ -375,6 +518,37 @@ class Repository(SqliteStore):
             ticket = self._ticket(session_id)
         assert ticket is not None
         return ticket, True
+
+    def check_completion(self, session_id: str, energy_kwh: float, *, cp_id: str | None = None,
+                         driver_id: str | None = None, metered_kwh: float = 0.0) -> None:
+        """Would :meth:`complete_session` bill (or find the ticket of) this completion?
+        Returns if so; raises :class:`BillingRejected` (or UnknownSession) as it would.
+        Writes nothing: a session actor asks before it ends the supply in Central's view."""
+        session = self._require_session(session_id)
+        _check_identity(session, cp_id, driver_id)
+        if self._ticket(session_id) is None:
+            self._assess(session, _check_amount("energy_kwh", energy_kwh),
+                         _check_amount("metered_kwh", metered_kwh), self._clock())
+
+    def _assess(self, session: SessionRecord, energy: float, metered: float,
+                now: float) -> tuple[float, str | None]:
+        """Central's billing checks of an unbilled session: ``(kWh to bill, review or None)``,
+        or BillingRejected (see :meth:`complete_session`)."""
+        if session.status == "cancelled":
+            raise BillingRejected(session.session_id, "cancelled",
+                                  f"Central cancelled the session ({session.end_reason or 'no reason'})")
+        cp = self._cp(session.cp_id)
+        max_power = cp.max_power_kw if cp is not None else DEFAULT_MAX_POWER_KW
+        duration = max(0.0, now - session.created_at) + _DURATION_SLACK_S
+        plausible = max_power * duration / 3600
+        floor = min(max(session.energy_kwh, metered), plausible)
+        if energy < floor - _KWH_EPSILON:
+            raise BillingRejected(session.session_id, "below_metered",
+                                  f"{energy:.6f} kWh is less than the {floor:.6f} kWh Central already metered")
+        if energy > plausible + _KWH_EPSILON:
+            return plausible, (f"reported {energy:.3f} kWh exceeds what {max_power:g} kW can deliver in "
+                               f"{duration:.0f} s ({plausible:.3f} kWh); billed {plausible:.3f} kWh")
+        return energy, None
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         """The session, or None."""
@@ -447,10 +621,14 @@ class Repository(SqliteStore):
     def audit(self, component: str, subject: str, event: str, detail: str = "") -> None:
         """Append a line to the operator's audit trail."""
         with transaction(self._conn):
-            self._conn.execute(
-                "INSERT INTO audit_log (at, component, subject, event, detail) VALUES (?, ?, ?, ?, ?)",
-                (self._clock(), component, subject, event, detail),
-            )
+            self._audit(self._clock(), component, subject, event, detail)
+
+    def _audit(self, at: float, component: str, subject: str, event: str, detail: str) -> None:
+        """Inside a caller's transaction: the audit line commits (or not) with its cause."""
+        self._conn.execute(
+            "INSERT INTO audit_log (at, component, subject, event, detail) VALUES (?, ?, ?, ?, ?)",
+            (at, component, subject, event, detail),
+        )
 
     def recent_audit(self, limit: int = 50) -> list[AuditRecord]:
         """The latest ``limit`` audit lines, newest first."""
@@ -500,3 +678,31 @@ class Repository(SqliteStore):
             "cost_eur": float(cost),
             "cost_cents": int(cents),
         }
+
+    # ------------------------------------------- Central's runs (migration 3)
+
+    def start_run(self, at: float) -> tuple[int, float | None]:
+        """Record that Central started at ``at`` (its own clock). Returns the new
+        run id and the previous run's last ``alive_at`` (None for the first run):
+        Central was down between that and ``at``."""
+        with transaction(self._conn):
+            row = self._conn.execute("SELECT MAX(alive_at) FROM central_runs").fetchone()
+            cursor = self._conn.execute("INSERT INTO central_runs (up_since, alive_at) VALUES (?, ?)", (at, at))
+        run_id = cursor.lastrowid
+        assert run_id is not None
+        return run_id, (float(row[0]) if row and row[0] is not None else None)
+
+    def mark_alive(self, run_id: int, at: float) -> None:
+        """Central is still up at ``at`` (one autocommitted UPDATE, every second)."""
+        self._conn.execute("UPDATE central_runs SET alive_at = ? WHERE run_id = ?", (at, run_id))
+
+    def flag_session_review(self, session_id: str, why: str) -> None:
+        """Flag a session's bill for an operator's look (Central closed it, or the CP
+        supplied a session Central did not consider live), with an audit line."""
+        with transaction(self._conn):
+            self._conn.execute(
+                "UPDATE sessions SET review = CASE WHEN review IS NULL THEN ? ELSE review || '; ' || ? END "
+                "WHERE session_id = ?", (why, why, session_id))
+            self._conn.execute(
+                "INSERT INTO audit_log (at, component, subject, event, detail) VALUES (?, ?, ?, ?, ?)",
+                (self._clock(), "central", session_id, "session_review", why))

@@ -77,10 +77,22 @@ class CentralSystemConfig:
     authorize_timeout: float = inherit(CentralConfig, "authorize_timeout",
                                        help="seconds to wait for a CP's authorisation")
     request_max_age: float = inherit(CentralConfig, "request_max_age",
-                                     help="charge requests older than this (sent while Central was down) are denied")
+                                     help="after Central was down longer than this, the charge requests that "
+                                          "waited in Kafka meanwhile are denied (Central's own clock)")
     panel: str = setting("off", cli_default="rich", choices=("rich", "text", "off"),
                          help="live terminal panel; 'off' gives plain log lines (embedded: off)")
     panel_interval: float = inherit(CentralConfig, "panel_interval", help="seconds between two panel snapshots")
+    reconcile_grace: float = inherit(CentralConfig, "reconcile_grace",
+                                     help="seconds a CP's heartbeat may disagree with Central about a session "
+                                          "before Central acts (cancel, close or stop it)")
+    completion_wait: float = inherit(CentralConfig, "completion_wait",
+                                     help="seconds to wait for the completion of a supply the CP ended before "
+                                          "billing it from the CP's final figures")
+    stop_retry: float = inherit(CentralConfig, "stop_retry",
+                                help="seconds between repeats of a cancel or stop the CP has not confirmed")
+    lost_deadline: float = inherit(CentralConfig, "lost_deadline",
+                                   help="seconds a live session's CP may be gone before Central closes it from "
+                                        "its last checkpoint (flagged for review)")
     console: bool = internal(False)
     group_id: str = setting("evcharging-central",
                             help="Kafka consumer group of Central (the topic prefix is prepended)")
@@ -93,14 +105,18 @@ class CentralSystemConfig:
 
 
 def seed_cps(db_path: str, path: str) -> int:
-    """Load ``id,location,price`` lines (CSV) into Central's database."""
+    """Load ``id,location,price[,max_power_kw]`` lines (CSV) into Central's database.
+
+    ``max_power_kw`` (optional; 350 kW for a new CP without it) bounds the energy
+    Central bills for a session at that CP (see ``Repository.complete_session``)."""
     n = 0
     with Repository(db_path) as repo, open(path, newline="") as f:
         for row in csv.reader(f):
             if not row or row[0].strip().startswith("#"):
                 continue
             cp_id, location, price = (c.strip() for c in row[:3])
-            repo.upsert_cp(cp_id, location, float(price))
+            power = row[3].strip() if len(row) > 3 else ""
+            repo.upsert_cp(cp_id, location, float(price), float(power) if power else None)
             n += 1
     return n
 
@@ -138,7 +154,7 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     ]
     children = [
         ChildSpec("ledger", LedgerActor, (config.db_path,)),
-        ChildSpec("publisher", Publisher, (settings,), {"component": "central"}),
+        ChildSpec("publisher", Publisher, (settings,), {"component": "central", "faults": (directory, "central")}),
         ChildSpec("panel", PanelActor, (config.panel,)),
     ]
     if config.console:
@@ -159,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     """EV_Central's parser: one argument per field of :class:`CentralSystemConfig`, then --seed and the process's."""
     p = parser_for(CentralSystemConfig, "EV_Central",
                    "Central of the EV charging network: CP registry, authorisation, billing, live panel.")
-    opt.add(p, "--seed", default=None, help="CSV file of id,location,price to load at start")
+    opt.add(p, "--seed", default=None, help="CSV file of id,location,price[,max_power_kw] to load at start")
     add_process_flags(p)
     return p
 

@@ -71,6 +71,10 @@ class EngineConfig:
     monitor_grace: float = inherit(EngineOptions, "monitor_grace",
                                    help="seconds a supply outlives its Monitor's link (a restarted Monitor is back "
                                         "sooner)")
+    billing_check: float = inherit(EngineOptions, "billing_check",
+                                   help="seconds between asks to Central about completions whose ticket was not seen")
+    republish_after: float = inherit(EngineOptions, "republish_after",
+                                     help="seconds after which a completion without Central's ticket is sent again")
     topic_prefix: str = setting("", help="prefix of every Kafka topic name (isolation)")
     cp_id: str | None = inherit(EngineOptions, "expected_cp_id",
                                 help="the CP id this Engine expects (optional; also its log tag)")

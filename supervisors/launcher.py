@@ -87,6 +87,7 @@ class NetworkSpec:
     monitor_central: dict[str, str] = internal(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Central
     monitor_engine: dict[str, str] = internal(default_factory=dict)  # cp_id -> HOST:PORT its Monitor uses for Engine
     component_broker: dict[str, str] = internal(default_factory=dict)  # "engine:MAD1", "central", ... -> bootstrap
+    central_console: bool = internal(False)  # Central reads its console from a pipe: Network.central_command()
 
     def resolve(self) -> NetworkSpec:
         """Fill in what depends on the moment (run_dir: run/<time>; panel auto: rich on a terminal); returns self."""
@@ -164,6 +165,8 @@ class Network:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait(5)
+            if p and p.popen and p.popen.stdin:
+                p.popen.stdin.close()
             if p and p.log_file:
                 p.log_file.close()
                 p.log_file = None
@@ -189,14 +192,27 @@ class Network:
             csv.writer(f).writerows(self.cps)
         cmd = python_cmd("central", str(self.central_port), self.broker_for("central"), "--db", str(self.db_path),
                          "--host", self.spec.host, "--seed", str(seed), "--panel", self.spec.panel,
-                         "--life-timeout", str(self.spec.life_timeout), "--no-console",
+                         "--life-timeout", str(self.spec.life_timeout),
+                         *([] if self.spec.central_console else ["--no-console"]),
                          *self._common("central"), *self.spec.extra_central)
         detail = self.run_dir / "central.detail.log"
         self._central_log_offset = detail.stat().st_size if detail.exists() else 0
-        proc = self._spawn("central", cmd, inherit_stdout=self.spec.panel == "rich")
+        proc = self._spawn("central", cmd, inherit_stdout=self.spec.panel == "rich",
+                           stdin_pipe=self.spec.central_console)
         if not wait_for_port(self.spec.host, self.central_port, 20):
             raise RuntimeError(f"Central did not listen on {self.spec.host}:{self.central_port}; see {proc.log_path}")
         return proc
+
+    def central_command(self, text: str) -> None:
+        """Type one line at the running Central's console (``stop all``, ``close S…``); needs
+        ``spec.central_console`` (otherwise Central reads no console at all)."""
+        if not self.spec.central_console:
+            raise RuntimeError("Central was started without a console (NetworkSpec.central_console)")
+        p = self.procs["central"]
+        if p.popen is None or p.popen.stdin is None or p.popen.poll() is not None:
+            raise RuntimeError("Central is not running")
+        p.popen.stdin.write(text.strip().encode() + b"\n")
+        p.popen.stdin.flush()
 
     def wait_central_ready(self, timeout: float | None = None) -> bool:
         """Wait until the running Central says its Kafka consumers joined (bounded); True if it did.
@@ -267,16 +283,17 @@ class Network:
         """
         return self.spec.component_broker.get(name, self.bootstrap)
 
-    def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False, stdin_pipe: bool = False) -> Proc:
         old = self.procs.get(name)
         if old and old.popen and old.popen.poll() is None:
             raise RuntimeError(f"{name} is already running (pid {old.popen.pid})")
         log_path = self.run_dir / f"{name.replace(':', '-')}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 -- the child's output while it runs; closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if inherit_stdout else log_file,
+        stdin = subprocess.PIPE if stdin_pipe else subprocess.DEVNULL
+        popen = subprocess.Popen(cmd, stdin=stdin, stdout=None if inherit_stdout else log_file,
                                  stderr=log_file, env=env)
-        proc = Proc(name, cmd, log_path, popen, log_file)
+        proc = Proc(name, cmd, log_path, popen, log_file, stdin)
         self.procs[name] = proc
         log.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
         return proc
@@ -293,6 +310,8 @@ class Network:
         assert p.popen is not None
         p.popen.kill()
         p.popen.wait(10)
+        if p.popen.stdin:
+            p.popen.stdin.close()
 
     def restart(self, name: str) -> Proc:
         kind, _, ident = name.partition(":")

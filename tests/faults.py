@@ -98,6 +98,14 @@ class TcpProxy:
     ``cut(mode="blackhole")`` forwards nothing (live connections hang, new ones
     are accepted and parked without reaching the target); :meth:`restore`
     resumes the live ones and closes the parked ones so their clients retry.
+
+    ``slow_frames(seconds, direction)`` makes the link slow for framed traffic
+    (``<STX>DATA<ETX><LRC>``, the Monitor↔Central and Monitor↔Engine links):
+    every frame flowing ``"down"`` (server → client) or ``"up"`` is forwarded
+    ``seconds`` after the proxy read it, in order; the one-byte control codes
+    (ACK, NACK, ENQ, EOT) between frames are forwarded at once. A frame still
+    held when its sender's side closes is delivered before the close (it was
+    on the wire). ``slow_frames(0)`` ends the delay.
     """
 
     def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1",
@@ -124,6 +132,7 @@ class TcpProxy:
         self.cut_at: float | None = None
         self.restored_at: float | None = None
         self.last_cut_connections = 0  # live connections the last cut() broke or froze
+        self.frame_delay = {"up": 0.0, "down": 0.0}  # see slow_frames()
 
     # --- lifecycle -----------------------------------------------------------------
     @property
@@ -200,6 +209,15 @@ class TcpProxy:
         finally:
             self.restore()
 
+    def slow_frames(self, seconds: float, direction: str = "down") -> None:
+        """Hold every frame flowing ``direction`` (``"up"``: client → server, ``"down"``,
+        or ``"both"``) for ``seconds`` (see the class docstring); 0 ends it."""
+        if direction not in ("up", "down", "both"):
+            raise ValueError("direction must be 'up', 'down' or 'both'")
+        for d in ("up", "down") if direction == "both" else (direction,):
+            self.frame_delay[d] = max(0.0, seconds)
+        log.info("%s: frames %s held %.1f s", self.name, direction, seconds)
+
     # --- internals ---------------------------------------------------------------------
     def _drop_all(self) -> None:
         with self._lock:
@@ -255,13 +273,15 @@ class TcpProxy:
                 _hard_close(upstream)
                 return
             self._pairs.add(pair)
-        threading.Thread(target=self._pump, args=(pair, client, upstream, "bytes_up"), daemon=True,
+        slow = (_SlowFrames(upstream, self.stats, "bytes_up", "up", self.frame_delay),
+                _SlowFrames(client, self.stats, "bytes_down", "down", self.frame_delay))
+        threading.Thread(target=self._pump, args=(pair, client, slow[0], slow), daemon=True,
                          name=f"{self.name}-up").start()
-        threading.Thread(target=self._pump, args=(pair, upstream, client, "bytes_down"), daemon=True,
+        threading.Thread(target=self._pump, args=(pair, upstream, slow[1], slow), daemon=True,
                          name=f"{self.name}-down").start()
 
-    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket,
-              counter: str) -> None:
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, slow: _SlowFrames,
+              both: tuple[_SlowFrames, _SlowFrames]) -> None:
         try:
             while True:
                 data = src.recv(65536)
@@ -274,11 +294,12 @@ class TcpProxy:
                 with self._lock:
                     if pair not in self._pairs:
                         return
-                dst.sendall(data)
-                self.stats[counter] += len(data)
+                slow.forward(data)
         except OSError:
             pass
         finally:
+            for direction in both:  # frames held either way were on the wire: delivered before the close
+                direction.drain(self._closed)
             with self._lock:
                 owned = pair in self._pairs
                 self._pairs.discard(pair)
@@ -289,6 +310,95 @@ class TcpProxy:
                     except OSError:
                         pass
                     s.close()
+
+
+class _SlowFrames:
+    """One direction of a :class:`TcpProxy` connection: control bytes at once, frames
+    after ``delays[direction]`` seconds (0: everything at once, in order)."""
+
+    def __init__(self, dst: socket.socket, stats: dict[str, int], counter: str, direction: str,
+                 delays: dict[str, float]) -> None:
+        self.dst, self.stats, self.counter, self.direction, self.delays = dst, stats, counter, direction, delays
+        self._send_lock = threading.Lock()
+        self._held: list[tuple[float, bytes]] = []  # (due, frame), in order
+        self._cond = threading.Condition()
+        self._frame = bytearray()  # the frame being read
+        self._state = 0  # 0 between frames, 1 in DATA, 2 expecting the LRC
+        self._thread: threading.Thread | None = None
+        self._done = False
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.dst.sendall(data)
+        self.stats[self.counter] += len(data)
+
+    def forward(self, data: bytes) -> None:
+        delay = self.delays.get(self.direction, 0.0)
+        if delay <= 0 and self._state == 0 and not self._held:
+            self._send(data)
+            return
+        now_bytes = bytearray()
+        for b in data:
+            if self._state == 0:
+                if b == framing.STX:
+                    self._state, self._frame = 1, bytearray([b])
+                else:
+                    now_bytes.append(b)  # control codes (and garbage) between frames: at once
+            elif self._state == 1:
+                self._frame.append(b)
+                if b == framing.ETX:
+                    self._state = 2
+            else:
+                self._frame.append(b)
+                self._state = 0
+                self._hold(bytes(self._frame), delay)
+        if now_bytes:
+            self._send(bytes(now_bytes))
+
+    def _hold(self, frame: bytes, delay: float) -> None:
+        with self._cond:
+            due = time.monotonic() + delay
+            if self._held:
+                due = max(due, self._held[-1][0])  # frames keep their order
+            self._held.append((due, frame))
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sender, name="proxy-slow-frames", daemon=True)
+            self._thread.start()
+
+    def _sender(self) -> None:
+        while True:
+            with self._cond:
+                while not self._held and not self._done:
+                    self._cond.wait(0.5)
+                if not self._held:
+                    return
+                due, frame = self._held[0]
+                wait = due - time.monotonic()
+                if wait > 0 and not self._done:
+                    self._cond.wait(min(wait, 0.5))
+                    continue
+                self._held.pop(0)
+            try:
+                self._send(frame)
+            except OSError:
+                with self._cond:
+                    self._held.clear()
+                return
+
+    def drain(self, closed: threading.Event, timeout: float = 30.0) -> None:
+        """The source side closed: deliver the frames still held (at their time), then return."""
+        deadline = time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            with self._cond:
+                if not self._held:
+                    break
+            if closed.is_set():
+                break
+            time.sleep(0.05)
+        with self._cond:
+            self._done = True
+            self._cond.notify()
 
 
 # ============================================================================= sockets
@@ -1040,8 +1150,9 @@ def _fig(entry: Any) -> str:
 
 
 def billing_check(run_dir: str | Path, db_path: str | Path, *, rel_tol: float = 1e-9) -> BillingCheck:
-    """Every journaled supply must have exactly one ticket with the journal's energy and cost."""
-    from persistence import Repository
+    """Every journaled supply must have exactly one ticket with the journal's energy, and the cost
+    Central computes from it (``bill_cents``: energy × agreed price, half-up cents)."""
+    from persistence import Repository, bill_cents
 
     check = BillingCheck(supplies=journal_entries(run_dir))
     with Repository(db_path) as repo:
@@ -1056,7 +1167,7 @@ def billing_check(run_dir: str | Path, db_path: str | Path, *, rel_tol: float = 
         elif len(got) > 1:
             check.double.append(sid)
         elif not (math.isclose(got[0].energy_kwh, entry.energy_kwh, rel_tol=rel_tol, abs_tol=1e-12)
-                  and math.isclose(got[0].cost_eur, entry.cost_eur, rel_tol=rel_tol, abs_tol=1e-12)):
+                  and got[0].cost_cents == bill_cents(entry.energy_kwh, entry.price_eur_kwh)):
             check.mismatched.append(sid)
     check.unexpected = [sid for sid in check.tickets if sid not in check.supplies]
     return check

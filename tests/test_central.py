@@ -30,8 +30,9 @@ def central(kafka_settings, tmp_path, request):
     marker = request.node.get_closest_marker("life_timeout")
     db = str(tmp_path / "central.db")
     with Repository(db) as repo:
-        repo.upsert_cp("MAD1", "Madrid Sol", 0.40)
-        repo.upsert_cp("MAD2", "Madrid Atocha", 0.35)
+        # 3,600 kW: 1 kWh a second, so the tests' quick supplies stay plausible (see test_billing.py)
+        repo.upsert_cp("MAD1", "Madrid Sol", 0.40, max_power_kw=3600)
+        repo.upsert_cp("MAD2", "Madrid Atocha", 0.35, max_power_kw=3600)
     config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
                                  topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
                                  life_timeout=marker.args[0] if marker else 30.0)
@@ -295,13 +296,15 @@ def test_live_panel_with_a_thousand_cps_draws_what_fits_faults_first() -> None:
     assert "CP9999" in stream.getvalue() and "more do not fit" in stream.getvalue()
 
 
-def test_a_request_sent_while_central_was_away_is_denied_not_served(central) -> None:
-    """Kafka keeps requests made during an outage; Central must not act on them later."""
+def test_a_producer_clock_running_late_does_not_expire_a_request(central) -> None:
+    """Issue #10: the producer's clock is not trusted. A request stamped 60 s in the past
+    by a driver whose clock is wrong, appended while Central is up, is served; requests
+    appended while Central was down are recognised from Central's own downtime record
+    (tests/test_session_lifecycle.py)."""
     active_monitor(central, "MAD1")
     corr = uuid.uuid4().hex
     msg = protocol.ChargeRequest(driver_id="d1", cp_id="MAD1", correlation_id=corr)
     central.peer.producer.send(central.peer.settings.topic("driver_requests"), key=b"d1",
                                value=protocol.encode(msg), timestamp_ms=int((time.time() - 60) * 1000))
     central.peer.producer.flush(5)
-    r = response(central, corr)
-    assert r.status == "denied" and "while Central was unavailable" in r.reason
+    assert response(central, corr).status != "denied" or "unavailable" not in (response(central, corr).reason or "")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 
-from persistence import Repository
+from persistence import Repository, bill_cents
 from supervisors.launcher import Network, NetworkSpec
 from tests.waiting import wait_until
 
@@ -45,7 +44,7 @@ def test_three_cps_two_drivers_every_service_ends_in_a_ticket_or_a_denial(tmp_pa
     assert sorted(summary["completed_sessions"]) == driver_tickets
     assert len(tickets) >= 4
     for t in tickets:
-        assert math.isclose(t["cost_eur"], t["energy_kwh"] * t["price_eur_kwh"], rel_tol=1e-9, abs_tol=1e-9)
+        assert round(t["cost_eur"] * 100) == bill_cents(t["energy_kwh"], t["price_eur_kwh"])  # Central's rule
         assert t["energy_kwh"] > 0 and t["end_reason"] == "unplugged"
     assert set(states.values()) == {"ACTIVE"}  # idle, connected, healthy once the drivers are done
     assert {"SUPPLYING", "ACTIVE"} <= seen and "BROKEN" not in seen

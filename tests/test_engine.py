@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -608,3 +609,58 @@ def test_console_reader_strips_skips_blanks_and_outlives_the_end_of_input() -> N
     pipe.type("k")
     reader.stop(timeout=5)
     pipe.close()
+
+
+# --------------------------------------------------------------------------- issue #10: cancel, billed, republish
+def test_cancel_supply_drops_an_unplugged_supply_and_hello_reports_the_held_session(
+        kafka_settings, journal_path, done_reader) -> None:
+    system = start_engine(engine_config(kafka_settings, journal_path, auto_plug=False))
+    peer = connect_when_listening("127.0.0.1", engine_port(system))
+    try:
+        peer.send(protocol.Hello(cp_id="CP1", price_eur_kwh=0.30))
+        assert peer.wait_for("supply_state", lambda m: True)["session_id"] is None
+        peer.send(authorize("S1"))
+        assert auth_answer(peer, "S1")["accepted"] is True
+        peer.send(protocol.Hello(cp_id="CP1", price_eur_kwh=0.30))  # a restarted Monitor learns the session
+        state = peer.wait_for("supply_state", lambda m: m["session_id"] == "S1")
+        assert state["plugged"] is False
+        peer.send(protocol.CancelSupply(session_id="S1", reason="authorisation timed out"))
+        ended = peer.wait_for("supply_ended", lambda m: m["session_id"] == "S1")
+        assert (ended["end_reason"], ended["energy_kwh"]) == ("central_stop", 0.0)
+        assert status(system)["state"] == "idle"
+        time.sleep(1.0)
+        assert completions(done_reader, "S1") == []  # nothing supplied: no completion, no bill
+        peer.send(protocol.CancelSupply(session_id="S9"))  # unknown: confirmed all the same
+        assert peer.wait_for("supply_ended", lambda m: m["session_id"] == "S9")["end_reason"] == "central_stop"
+    finally:
+        peer.close()
+        system.stop()
+
+
+def test_cancel_after_the_plug_in_ends_and_bills_and_the_ticket_stops_republishing(
+        engine, done_reader, journal_path) -> None:
+    _system, peer = engine
+    peer.send(authorize("S1"))
+    peer.wait_for("supply_started", lambda m: m["session_id"] == "S1")
+    time.sleep(0.3)
+    peer.send(protocol.CancelSupply(session_id="S1", reason="late answer"))
+    assert peer.wait_for("supply_ended", lambda m: m["session_id"] == "S1")["end_reason"] == "central_stop"
+    [done] = done_reader.wait_for(lambda _: completions(done_reader, "S1"), what="completion of S1")
+    assert done.energy_kwh > 0
+    # not billed yet: the Engine asks Central (billing_check, 5 s) ...
+    assert peer.wait_for("billing_query", lambda m: m["session_id"] == "S1", timeout=10)["cp_id"] == "CP1"
+    # ... and republishes after republish_after (15 s): Central's ticket key makes it a replay
+    seen: dict[str, protocol.ChargeCompletion] = {}
+
+    def republished() -> bool:
+        seen.update((c.message_id, c) for c in completions(done_reader, "S1"))
+        return len(seen) >= 2
+
+    wait_until(republished, timeout=25, what="the republished completion")
+    assert {c.energy_kwh for c in seen.values()} == {done.energy_kwh}
+    peer.send(protocol.SessionBilled(session_id="S1", cp_id="CP1"))
+    def billed() -> bool:
+        with EngineJournal(journal_path) as j:
+            return j.billed_at("S1") is not None
+
+    wait_until(billed, what="billed in the journal")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from persistence import Repository
+from persistence import Repository, bill_cents
 from supervisors.launcher import Network, NetworkSpec
 from tests import fault_matrix, faults
 from tests.waiting import wait_until
@@ -278,10 +278,10 @@ def test_duplicate_and_reordered_engine_records_bill_each_session_once(tmp_path,
         legit_c = protocol.decode(legit[sid])
         (ticket,) = check.tickets[sid]
         assert ticket.energy_kwh == legit_c.energy_kwh == entry.energy_kwh
-        assert ticket.cost_eur == legit_c.cost_eur
+        assert ticket.cost_cents == bill_cents(legit_c.energy_kwh, entry.price_eur_kwh)  # Central's figure
         s = sessions[sid]
         assert s is not None and s.status == "completed", s
-        assert s.energy_kwh == legit_c.energy_kwh and s.cost_eur == legit_c.cost_eur, s
+        assert s.energy_kwh == legit_c.energy_kwh and s.cost_eur == ticket.cost_eur, s
     assert math.isclose(stats["energy_kwh"], sum(e.energy_kwh for e in check.supplies.values()), rel_tol=1e-9)
 
 

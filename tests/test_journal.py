@@ -160,6 +160,57 @@ def test_journal_file_settings(journal_path: Path, journal: EngineJournal) -> No
     conn = open_database(journal_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,)]
     finally:
         conn.close()
+
+
+def test_billed_life_cycle(journal: EngineJournal) -> None:
+    """Version 2: a published completion stays unbilled until Central's session_billed."""
+    journal.begin("S1", "CP1", "D1", 0.3, started_at=1.0)
+    assert journal.mark_billed("S1") is False  # still supplying
+    journal.update("S1", 1, 0.1, 0.03, at=2.0)
+    journal.finish("S1", "unplugged", ended_at=3.0)
+    assert journal.unbilled() == []  # not yet in Kafka: unpublished() covers it
+    journal.mark_published("S1")
+    assert [e.session_id for e in journal.unbilled()] == ["S1"]
+    assert journal.billed_at("S1") is None
+    assert journal.mark_billed("S1") is True
+    assert journal.mark_billed("S1") is False
+    assert journal.billed_at("S1") == 500.0
+    assert journal.unbilled() == []
+    # a ticket seen before the broker's ack: billed and nothing left to publish
+    journal.begin("S2", "CP1", "D1", 0.3, started_at=4.0)
+    journal.finish("S2", "unplugged", ended_at=5.0)
+    assert journal.mark_billed("S2") is True
+    assert journal.unpublished() == [] and journal.unbilled() == []
+    assert journal.mark_billed("nope") is False
+
+
+def test_discard_only_what_never_supplied(journal: EngineJournal) -> None:
+    journal.begin("S1", "CP1", "D1", 0.3, started_at=1.0)
+    assert journal.discard("S1") is True
+    assert journal.get("S1") is None
+    journal.begin("S2", "CP1", "D1", 0.3, started_at=1.0)
+    journal.update("S2", 1, 0.1, 0.03, at=2.0)
+    assert journal.discard("S2") is False  # energy flowed: it must be billed
+    journal.finish("S2", "central_stop", ended_at=3.0)
+    assert journal.discard("S2") is False
+    assert journal.discard("nope") is False
+
+
+def test_migrates_a_version_1_journal(journal_path: Path) -> None:
+    """A journal written before version 2 keeps its rows; published ones count as unbilled."""
+    import sqlite3
+
+    from persistence.journal import _JOURNAL_V1
+    conn = sqlite3.connect(journal_path)
+    conn.executescript(_JOURNAL_V1 + """
+        CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL);
+        INSERT INTO schema_version VALUES (1, 'engine supply journal', 0);
+        INSERT INTO supplies (session_id, cp_id, driver_id, price_eur_kwh, status, started_at, updated_at,
+                              published_at) VALUES ('S0', 'CP1', 'D1', 0.3, 'published', 1, 1, 2);
+    """)
+    conn.close()
+    with EngineJournal(journal_path) as j:
+        assert [e.session_id for e in j.unbilled()] == ["S0"]

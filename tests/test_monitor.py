@@ -307,6 +307,7 @@ def test_relays_a_supply_both_ways(engine, engine_port_free, central) -> None:
         assert (started.cp_id, started.session_id, started.driver_id) == ("CP1", "S1", "D1")
         wait_until(lambda: mstatus(monitor)["state"] == "SUPPLYING")
         central.wait_for(protocol.Heartbeat, lambda m: m.state == "SUPPLYING" and m.supplying_session_id == "S1")
+        wait_until(lambda: engine_status(engine)["seq"] >= 1, what="a first metered tick")
 
         central.ask(ToCp(protocol.StopSupply(session_id="S1", reason="driver_stop")))
         [ended] = central.wait_for(protocol.SupplyEnded)

@@ -19,6 +19,7 @@ import pytest
 
 from persistence import (
     MIGRATIONS,
+    BillingRejected,
     Conflict,
     Migration,
     NestedTransactionError,
@@ -103,10 +104,11 @@ def test_migrations_are_idempotent_and_recorded(db_path: Path) -> None:
     conn = open_database(db_path)
     try:
         assert schema_version(conn) == 0
-        assert migrate(conn) == len(MIGRATIONS) == 1
-        assert migrate(conn) == 1
+        latest = len(MIGRATIONS)
+        assert migrate(conn) == latest >= 2
+        assert migrate(conn) == latest
         rows = conn.execute("SELECT version, description, applied_at FROM schema_version").fetchall()
-        assert [(v, d) for v, d, _ in rows] == [(1, MIGRATIONS[0].description)]
+        assert [(v, d) for v, d, _ in rows] == [(m.version, m.description) for m in MIGRATIONS]
         assert rows[0][2] > 0
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"charging_points", "drivers", "sessions", "tickets", "processed_messages",
@@ -118,7 +120,7 @@ def test_migrations_are_idempotent_and_recorded(db_path: Path) -> None:
     Repository(db_path).close()
     conn = open_database(db_path)
     try:
-        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
     finally:
         conn.close()
 
@@ -127,9 +129,10 @@ def test_newer_migration_is_applied_in_order(db_path: Path) -> None:
     conn = open_database(db_path)
     try:
         migrate(conn)
-        extra = (*MIGRATIONS, Migration(2, "extra", "CREATE TABLE extra (x INTEGER); INSERT INTO extra VALUES (7);"))
-        assert migrate(conn, extra) == 2
-        assert migrate(conn, extra) == 2
+        n = len(MIGRATIONS) + 1
+        extra = (*MIGRATIONS, Migration(n, "extra", "CREATE TABLE extra (x INTEGER); INSERT INTO extra VALUES (7);"))
+        assert migrate(conn, extra) == n
+        assert migrate(conn, extra) == n
         assert conn.execute("SELECT x FROM extra").fetchall() == [(7,)]
     finally:
         conn.close()
@@ -139,10 +142,11 @@ def test_failed_migration_leaves_nothing_behind(db_path: Path) -> None:
     conn = open_database(db_path)
     try:
         migrate(conn)
-        bad = (*MIGRATIONS, Migration(2, "bad", "CREATE TABLE half (x); INSERT INTO missing VALUES (1);"))
+        bad = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "bad",
+                                      "CREATE TABLE half (x); INSERT INTO missing VALUES (1);"))
         with pytest.raises(sqlite3.OperationalError):
             migrate(conn, bad)
-        assert schema_version(conn) == 1
+        assert schema_version(conn) == len(MIGRATIONS)
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
         assert not conn.in_transaction
     finally:
@@ -152,12 +156,13 @@ def test_failed_migration_leaves_nothing_behind(db_path: Path) -> None:
 def test_schema_too_new_is_refused(db_path: Path) -> None:
     conn = open_database(db_path)
     try:
-        future = (*MIGRATIONS, Migration(2, "from the future", "CREATE TABLE future (x);"))
+        n = len(MIGRATIONS)
+        future = (*MIGRATIONS, Migration(n + 1, "from the future", "CREATE TABLE future (x);"))
         migrate(conn, future)
         with pytest.raises(SchemaTooNew) as info:
             migrate(conn)
-        assert info.value.db_version == 2 and info.value.code_version == 1
-        assert "schema version 2" in str(info.value) and "up to 1" in str(info.value)
+        assert info.value.db_version == n + 1 and info.value.code_version == n
+        assert f"schema version {n + 1}" in str(info.value) and f"up to {n}" in str(info.value)
         assert isinstance(info.value, PersistenceError)
     finally:
         conn.close()
@@ -477,13 +482,15 @@ def test_complete_unknown_session(repo: Repository, db_path: Path) -> None:
     assert not processed(db_path, "m-1")
 
 
-def test_cancelled_session_can_still_be_completed(repo: Repository) -> None:
+def test_a_cancelled_session_is_never_billed(repo: Repository) -> None:
     repo.open_session("S1", "CP1", "D1", 0.30, at=1.0)
     repo.cancel_session("S1", "CP vanished before plug-in", at=2.0)
-    ticket, created = repo.complete_session("S1", 0.4, 0.12, "engine recovered", 9.0, "ACTIVE")
-    assert created and ticket.cost_cents == 12
+    with pytest.raises(BillingRejected) as info:
+        repo.complete_session("S1", 0.4, 0.12, "engine recovered", 9.0, "ACTIVE")
+    assert info.value.kind == "cancelled" and "CP vanished" in info.value.reason
     s = repo.get_session("S1")
-    assert (s.status, s.end_reason) == ("completed", "engine recovered")
+    assert (s.status, s.end_reason) == ("cancelled", "CP vanished before plug-in")
+    assert repo.tickets() == []
 
 
 def test_concurrent_completions_bill_once(db_path: Path) -> None:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import string
 from typing import Annotated, Union, get_args, get_origin, get_type_hints
 
 import pytest
@@ -115,16 +116,21 @@ SAMPLES = [
     HealthStatus(seq=0, ok=True),
     ErrorMessage(reason="message has no 'type' field"),
     ErrorMessage(reason="unknown CP", correlation_id="c9"),
+    # issue #10: the session lifecycle
+    p.CancelSupply(session_id="s1", reason="authorisation timed out"),
+    p.SessionBilled(session_id="s1", cp_id="MAD1"),
+    p.BillingQuery(cp_id="MAD1", session_id="s1"),
+    p.SupplyState(cp_id="MAD1", session_id="s1", plugged=True),
 ]
 
 # The wire field names of the contract (plus the project's additions): renaming one breaks this.
 WIRE_KEYS = {
-    "available_cps_request": "driver_id correlation_id",
+    "available_cps_request": "driver_id correlation_id after limit",
     "charge_request": "driver_id cp_id correlation_id",
     "stop_charging_request": "driver_id session_id correlation_id",
     "driver_hello": "driver_id correlation_id",
     "ticket_ack": "driver_id session_id",
-    "available_cps_response": "driver_id correlation_id status charging_points",
+    "available_cps_response": "driver_id correlation_id status charging_points more next_after total",
     "charge_response": "driver_id correlation_id status session_id cp_id reason",
     "supply_event": "driver_id session_id cp_id event detail",
     "charging_status_update": "driver_id session_id cp_id seq energy_kwh cost_eur power_kw",
@@ -148,6 +154,10 @@ WIRE_KEYS = {
     "resume_cp": "",
     "cp_supply_response": "correlation_id cp_id status session_id reason",
     "hello": "cp_id price_eur_kwh",
+    "cancel_supply": "session_id reason",
+    "session_billed": "session_id cp_id",
+    "billing_query": "cp_id session_id",
+    "supply_state": "cp_id session_id plugged",
     "health_check": "seq",
     "health_status": "seq ok",
     "error": "reason correlation_id",
@@ -412,15 +422,23 @@ def strategy_for(hint):
     origin = get_origin(hint)
     if origin is Annotated:
         base, *rules = get_args(hint)
+        low = next((r.minimum for r in rules if isinstance(r, p.AtLeast)), None)
+        high = next((r.maximum for r in rules if isinstance(r, p.AtMost)), None)
+        longest = next((r.limit for r in rules if isinstance(r, p.MaxLen)), None)
         for rule in rules:
             if isinstance(rule, p.OneOf):
                 return st.sampled_from(sorted(rule.values))
             if isinstance(rule, p.IdRule):
-                return st.text(min_size=1, max_size=p.ID_MAX_LEN)
-            if isinstance(rule, p.AtLeast) and base is int:
-                return st.integers(min_value=int(rule.minimum), max_value=2**53)
-            if isinstance(rule, p.AtLeast):
-                return st.floats(min_value=rule.minimum, allow_nan=False, allow_infinity=False)
+                return st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1,
+                               max_size=p.ID_MAX_LEN)
+        if base is int and low is not None:
+            return st.integers(min_value=int(low), max_value=int(high) if high is not None else 2**53)
+        if base is float and low is not None:
+            return st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False)
+        if base is str and longest is not None:
+            return st.text(max_size=longest)
+        if get_origin(base) is tuple and longest is not None:
+            return st.lists(strategy_for(get_args(base)[0]), max_size=min(3, longest)).map(tuple)
         raise AssertionError(f"no strategy for {hint}")
     if origin in (Union, type(int | None)):
         (inner,) = [a for a in get_args(hint) if a is not type(None)]

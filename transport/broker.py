@@ -28,6 +28,13 @@ TOPICS: dict[str, int] = {
     "charging_session_complete": 2,
 }
 
+#: A record no retry can cure goes to ``<topic>.dead`` (prefix included), with headers saying
+#: why (see DEAD_HEADERS and docs/protocol.md). One partition each: order is all that matters.
+DEAD_SUFFIX = ".dead"
+DEAD_PARTITIONS = 1
+#: Header names of a dead-letter record (values are UTF-8 text).
+DEAD_HEADERS = ("reason", "topic", "partition", "offset", "component", "size", "truncated")
+
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
@@ -59,13 +66,23 @@ class KafkaSettings:
             raise ValueError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}")
         return f"{self.topic_prefix}{name}"
 
+    def dead_topic(self, name: str) -> str:
+        """The real dead-letter topic of a logical one: ``<prefix><name>.dead``."""
+        return self.topic(name) + DEAD_SUFFIX
+
+    def all_topics(self) -> dict[str, int]:
+        """Every real topic this project uses (the four and their dead-letter topics) -> partitions."""
+        out = {self.topic(n): p for n, p in TOPICS.items()}
+        out.update({self.dead_topic(n): DEAD_PARTITIONS for n in TOPICS})
+        return out
+
 
 class BrokerUnavailable(RuntimeError):
     """The broker could not be started or reached; the message says why."""
 
 
 def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> None:
-    """Create the four topics (with their partition counts) if they are missing."""
+    """Create the four topics (with their partition counts) and their ``.dead`` topics if missing."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -86,18 +103,15 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> None:
             continue
         try:
             existing = set(admin.list_topics())
-            missing = [
-                NewTopic(settings.topic(name), partitions, 1)
-                for name, partitions in TOPICS.items()
-                if settings.topic(name) not in existing
-            ]
+            wanted = settings.all_topics()
+            missing = [NewTopic(name, partitions, 1) for name, partitions in wanted.items() if name not in existing]
             if missing:
                 try:
                     admin.create_topics(missing)
                 except TopicAlreadyExistsError:
                     pass
             existing = set(admin.list_topics())
-            if all(settings.topic(n) in existing for n in TOPICS):
+            if all(n in existing for n in wanted):
                 return
         except (KafkaError, OSError) as exc:
             last = exc

@@ -6,14 +6,22 @@ Both turn Kafka into actor messages and back; neither knows the domain.
   its mailbox, retries with backoff (recreating the producer and the topics
   after a broker restart) and keeps at most ``max_pending`` records while
   Kafka is away. Whoever needs to know a record is durable passes ``notify``
-  and gets :class:`Published` (or :class:`PublishFailed`) back.
+  and gets :class:`Published` (or :class:`PublishFailed`) back. A record no
+  retry can send (too large for the broker, cannot be encoded) is logged and
+  dead-lettered (:func:`dead_record`) and never blocks the records behind it.
 * :class:`ConsumerPump` owns one KafkaConsumer in one thread (consumers are
   not thread-safe), decodes each poll into a :class:`Delivery`, *asks* the
   target actor to handle it, and commits offsets only after the ask returned:
-  at-least-once. If the handler fails, the pump crashes without committing;
-  its supervisor restarts it and the records are delivered again. A watchdog
-  crashes it too when the Kafka client wedges (a call that never returns, or
-  a group that never finishes rejoining after a broker outage).
+  at-least-once. Records that cannot be decoded, and those the target answers
+  are :class:`SetAside`, go to ``<topic>.dead`` (durably, before the commit).
+  A failed ask (an exception) is retried with backoff ``retry_attempts``
+  times; then the pump narrows down record by record and dead-letters the
+  record that keeps failing, so no poison record stalls the partition. A target
+  that is not running (or raises :class:`TargetUnavailable`) is waited for
+  without counting, and after ``ask_timeout`` the pump crashes and its
+  supervisor restarts it: the records come again. A watchdog crashes it too
+  when the Kafka client wedges (a call that never returns, or a group that
+  never finishes rejoining after a broker outage).
 """
 
 from __future__ import annotations
@@ -30,11 +38,65 @@ import pykka
 
 from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from transport import protocol
-from transport.broker import TOPICS, KafkaSettings, ensure_topics
+from transport.broker import DEAD_SUFFIX, TOPICS, KafkaSettings, ensure_topics
 
 log = logging.getLogger("evcharging.kafka")
 
 Decoder = Callable[[bytes], protocol.Message]
+
+#: The most of a record's original bytes a dead-letter record carries (more is cut, see
+#: the ``truncated`` and ``size`` headers): a dead letter must itself fit the broker.
+DEAD_VALUE_MAX = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """Pump or Publisher → whoever should show it: a record went to ``<topic>.dead``.
+
+    ``topic`` is the logical topic, ``reason`` a sentence; Central shows it as a fault.
+    """
+
+    topic: str
+    key: str | None
+    reason: str
+    component: str = ""
+    partition: int | None = None
+    offset: int | None = None
+
+
+class TargetUnavailable(RuntimeError):
+    """Raised by a pump's target when something it needs is not running yet (not the records' fault).
+
+    The pump waits and asks again without counting it as a failed attempt; after
+    ``ask_timeout`` of that it crashes (its supervisor restarts it).
+    """
+
+
+def dead_record(raw: bytes, reason: str, *, topic: str, component: str, partition: int | None = None,
+                offset: int | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of the dead-letter record of ``raw`` (see docs/protocol.md)."""
+    value = raw if len(raw) <= DEAD_VALUE_MAX else raw[:DEAD_VALUE_MAX]
+    headers = [("reason", protocol.clip(reason).encode()), ("topic", topic.encode()),
+               ("component", component.encode()), ("size", str(len(raw)).encode()),
+               ("truncated", b"true" if len(value) < len(raw) else b"false")]
+    if partition is not None:
+        headers.append(("partition", str(partition).encode()))
+    if offset is not None:
+        headers.append(("offset", str(offset).encode()))
+    return value, headers
+
+
+def non_retriable(exc: BaseException) -> bool:
+    """True for a send error no retry cures: the record is too large or malformed for the broker."""
+    from kafka import errors
+
+    fatal = tuple(getattr(errors, name) for name in (
+        "MessageSizeTooLargeError", "RecordTooLargeError", "InvalidRecordError", "CorruptRecordError",
+        "RecordBatchTooLargeError", "SerializationError") if hasattr(errors, name))
+    if isinstance(exc, (*fatal, TypeError, ValueError)):
+        return True
+    text = str(exc).upper()
+    return "TOO_LARGE" in text or "TOO LARGE" in text
 
 
 # --- publishing --------------------------------------------------------------
@@ -76,6 +138,7 @@ class GetPublisherStats:
 class _SendFailed:
     publish: Publish
     error: str
+    fatal: bool = False  # no retry cures it: dead-letter, do not hold the queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +161,9 @@ class Publisher(SupervisedActor):
         component: str = "publisher",
         max_pending: int = 100_000,
         linger_ms: int = 1,
+        max_request_bytes: int = 1_048_576,
         encode: Callable[[protocol.Message], bytes] = protocol.encode,
+        faults: tuple[Directory, str] | None = None,
         supervision: Supervision | None = None,
     ) -> None:
         super().__init__(supervision=supervision)
@@ -106,6 +171,8 @@ class Publisher(SupervisedActor):
         self.component = component
         self.max_pending = max_pending
         self.linger_ms = linger_ms
+        self.max_request_bytes = max_request_bytes
+        self.faults = faults  # (directory, name): who hears DeadLettered (Central shows it)
         self._encode = encode
         self._producer: Any = None
         self._backlog: deque[Publish] = deque()
@@ -115,7 +182,7 @@ class Publisher(SupervisedActor):
         self._in_flight = 0  # handed to the producer, neither acked nor failed (acks counted apart)
         self._acks = 0  # counted by the producer's I/O thread, under _acks_lock
         self._acks_lock = threading.Lock()
-        self._stats = {"sent": 0, "acked": 0, "failures": 0, "producers": 0}
+        self._stats = {"sent": 0, "acked": 0, "failures": 0, "producers": 0, "dead_lettered": 0}
 
     def setup(self) -> None:
         try:
@@ -139,11 +206,14 @@ class Publisher(SupervisedActor):
         match message:
             case Publish():
                 self._publish(message)
-            case _SendFailed(publish, error):
+            case _SendFailed(publish, error, fatal):
                 self._in_flight -= 1
                 self._stats["failures"] += 1
-                self._backlog.appendleft(publish)
-                self._outage(error)
+                if fatal:
+                    self._set_aside(publish, error)
+                else:
+                    self._backlog.appendleft(publish)
+                    self._outage(error)
             case _Acked():
                 self._count_acks()
                 if self._outage_attempts:  # the broker confirmed a record: the outage is over
@@ -179,6 +249,7 @@ class Publisher(SupervisedActor):
             acks="all",
             enable_idempotence=False,  # Tansu: an idempotent producer never recovers after a restart
             linger_ms=self.linger_ms,
+            max_request_size=self.max_request_bytes,
             retries=3,
             max_block_ms=self.settings.max_block_ms,
             request_timeout_ms=self.settings.request_timeout_ms,
@@ -216,11 +287,15 @@ class Publisher(SupervisedActor):
         try:
             value = self._encode(p.message)
         except Exception as exc:
-            tell(p.notify, PublishFailed(p.token, f"cannot encode {type(p.message).__name__}: {exc}"))
+            self._set_aside(p, f"cannot encode {type(p.message).__name__}: {exc}",
+                            repr(p.message).encode("utf-8", "replace"))
             return True
         try:
             future = self._producer.send(self.settings.topic(p.topic), key=p.key.encode(), value=value)
-        except Exception as exc:  # metadata timeout, closed producer, missing topic
+        except Exception as exc:  # metadata timeout, closed producer, missing topic; or too large
+            if non_retriable(exc):
+                self._set_aside(p, str(exc) or type(exc).__name__, value)
+                return True
             self._backlog.appendleft(p)
             self._outage(str(exc) or type(exc).__name__)
             return False
@@ -237,11 +312,40 @@ class Publisher(SupervisedActor):
                 tell(p.notify, Published(p.token, p.topic, md.partition, md.offset))
 
         def on_err(exc: BaseException) -> None:
-            tell(me, _SendFailed(p, str(exc) or type(exc).__name__))
+            tell(me, _SendFailed(p, str(exc) or type(exc).__name__, non_retriable(exc)))
 
         future.add_callback(on_ok)
         future.add_errback(on_err)
         return True
+
+    def _set_aside(self, p: Publish, reason: str, raw: bytes | None = None) -> None:
+        """A record no retry can send: say so, dead-letter a small record about it, go on with the next."""
+        self._stats["dead_lettered"] += 1
+        kind = type(p.message).__name__
+        if raw is None:
+            try:
+                raw = self._encode(p.message)
+            except Exception:
+                raw = repr(p.message).encode("utf-8", "replace")
+        log.warning("%s: Kafka refused a %s for %s (key %s, %d bytes) for good: %s — it goes to %s%s",
+                    self.component, kind, p.topic, p.key, len(raw), reason, p.topic, DEAD_SUFFIX)
+        tell(p.notify, PublishFailed(p.token, reason))
+        if self.faults is not None:
+            directory, name = self.faults
+            directory.tell(name, DeadLettered(p.topic, p.key, reason, self.component))
+        if self._producer is None:
+            return
+        value, headers = dead_record(raw[: min(DEAD_VALUE_MAX, self.max_request_bytes // 2)], reason,
+                                     topic=p.topic, component=self.component)
+        headers = [h for h in headers if h[0] not in ("size", "truncated")]
+        headers += [("size", str(len(raw)).encode()), ("truncated", b"true" if len(value) < len(raw) else b"false")]
+        try:
+            future = self._producer.send(self.settings.dead_topic(p.topic), key=p.key.encode(), value=value,
+                                         headers=headers)
+            future.add_errback(lambda exc: log.warning("%s: could not dead-letter a %s for %s: %s",
+                                                       self.component, kind, p.topic, exc))
+        except Exception as exc:  # best effort: the sentence above is logged anyway
+            log.warning("%s: could not dead-letter a %s for %s: %s", self.component, kind, p.topic, exc)
 
     def _outage(self, error: str) -> None:
         if self._retry_timer is not None:
@@ -284,13 +388,36 @@ class Inbound:
     partition: int
     offset: int
     timestamp: float = 0.0  # when the producer sent it (seconds since the epoch; 0 if unknown)
+    raw: bytes = b""  # the record's value as it came (what a dead letter carries)
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Everything one poll returned; the target answers when it is handled."""
+    """Everything one poll returned; the target answers when it is handled.
+
+    The answer is ``True`` or a :class:`Handled`: every record is durably
+    handled except those ``Handled.set_aside`` names, which no retry can cure.
+    An exception (or no answer) means "try again later" (a retriable failure).
+    """
 
     items: tuple[Inbound, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A record no retry can cure (schema, bounds, arithmetic, a mismatch, an unknown
+    session after its grace period): the pump writes it to ``<topic>.dead`` with
+    ``reason`` and its original bytes, then commits past it."""
+
+    item: Inbound
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """A target's answer to a :class:`Delivery` (see there)."""
+
+    set_aside: tuple[SetAside, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +500,8 @@ class ConsumerPump(SupervisedActor):
         max_records: int = 500,
         poll_ms: int = 100,
         stall_timeout: float = 20.0,
+        retry_attempts: int = 5,
+        retry_backoff: tuple[float, float] = (0.2, 5.0),
         decode: Decoder = protocol.decode,
         supervision: Supervision | None = None,
     ) -> None:
@@ -390,6 +519,9 @@ class ConsumerPump(SupervisedActor):
         self.max_records = max_records
         self.poll_ms = poll_ms
         self.stall_timeout = stall_timeout
+        self.retry_attempts = max(1, retry_attempts)
+        self._retry_delay = backoff_strategy(*retry_backoff)
+        self._dead_producer: Any = None  # created by the pump thread at its first dead letter
         self._decode = decode
         self._halt = threading.Event()
         self._ready = threading.Event()
@@ -486,7 +618,7 @@ class ConsumerPump(SupervisedActor):
                 if not batch:
                     continue
                 items = tuple(self._inbound(r) for records in batch.values() for r in records)
-                if not self._deliver(Delivery(items)):
+                if not self._handle(items):
                     return
                 if self.group_id is not None:
                     self._busy_since = time.monotonic()
@@ -499,6 +631,9 @@ class ConsumerPump(SupervisedActor):
             self._busy_since = self._unassigned_since = None
             if consumer is not None:
                 self._close(consumer)
+            producer, self._dead_producer = self._dead_producer, None
+            if producer is not None:
+                _quietly(producer.close, timeout=1)
 
     def _open(self) -> Any:
         from kafka import KafkaConsumer, TopicPartition
@@ -554,28 +689,127 @@ class ConsumerPump(SupervisedActor):
         topic = self._real_to_logical.get(record.topic, record.topic)
         key = record.key.decode("utf-8", "replace") if record.key is not None else None
         sent = record.timestamp / 1000.0 if record.timestamp and record.timestamp > 0 else 0.0
+        raw = bytes(record.value or b"")
         try:
-            return Inbound(topic, key, self._decode(record.value or b""), None, record.partition, record.offset, sent)
+            return Inbound(topic, key, self._decode(raw), None, record.partition, record.offset, sent, raw)
         except Exception as exc:
-            return Inbound(topic, key, None, str(exc), record.partition, record.offset, sent)
+            return Inbound(topic, key, None, str(exc) or type(exc).__name__, record.partition, record.offset, sent,
+                           raw)
 
-    def _deliver(self, delivery: Delivery) -> bool:
-        """Ask the target until it handled the delivery; False when stopping."""
+    def _handle(self, items: tuple[Inbound, ...]) -> bool:
+        """Have every record handled or set aside (dead-lettered, durably); False when stopping."""
+        set_aside = [SetAside(i, f"cannot decode: {i.error}") for i in items if i.message is None]
+        good = tuple(i for i in items if i.message is not None)
+        if good:
+            result = self._attempt(good)
+            if result is None:
+                return False
+            set_aside += result
+        if set_aside:
+            self._dead_letter(set_aside)
+        return True
+
+    def _attempt(self, items: tuple[Inbound, ...]) -> list[SetAside] | None:
+        """Deliver ``items`` until handled, ``retry_attempts`` times at most (with backoff); then narrow down.
+
+        Returns what was set aside (the target's SetAside, or the record that kept
+        failing on its own); None when stopping.
+        """
+        attempt = 0
+        error = ""
+        while attempt < self.retry_attempts:
+            try:
+                answer = self._deliver(Delivery(items))
+            except (TargetUnavailable, ConsumerStalled):
+                raise
+            except Exception as exc:  # retriable: the target failed (or did not answer in time)
+                attempt += 1
+                error = str(exc) or type(exc).__name__
+                if isinstance(exc, pykka.Timeout):
+                    error = f"{self.target} did not answer within {self.ask_timeout:g} s"
+                where = (f"offset {items[0].offset} of {items[0].topic}" if len(items) == 1
+                         else f"{len(items)} records")
+                if attempt < self.retry_attempts:
+                    wait = self._retry_delay(attempt)
+                    log.warning("%s: %s could not handle %s (attempt %d of %d): %s — retrying in %.1f s",
+                                self.component, self.target, where, attempt, self.retry_attempts, error, wait)
+                    if self._halt.wait(wait):
+                        return None
+                continue
+            if answer is None:
+                return None
+            return list(answer.set_aside)
+        if len(items) == 1:
+            return [SetAside(items[0], f"{self.target} failed {attempt} times: {error}")]
+        log.warning("%s: %s kept failing on %d records (%s); delivering them one by one to find the bad one",
+                    self.component, self.target, len(items), error)
+        out: list[SetAside] = []
+        for item in items:
+            result = self._attempt((item,))
+            if result is None:
+                return None
+            out += result
+        return out
+
+    def _deliver(self, delivery: Delivery) -> Handled | None:
+        """Ask the target once (waiting while it is not running); its answer, or None when stopping.
+
+        Raises what the target raised (a retriable failure), pykka.Timeout when it
+        did not answer, and TargetUnavailable when it was unavailable for ``ask_timeout``.
+        """
         waited = 0.0
+        pause = 0.05
         while not self._halt.is_set():
             ref = self.directory.get(self.target)
-            if ref is None:  # the target is being restarted: wait, commit nothing
-                self._halt.wait(0.05)
-                waited += 0.05
-                if waited >= self.ask_timeout:
-                    raise TimeoutError(f"no actor named {self.target!r} to deliver to for {self.ask_timeout:g} s")
-                continue
-            try:
-                ref.ask(delivery, timeout=self.ask_timeout)
-                return True
-            except pykka.ActorDeadError:
-                continue
-        return False
+            why = f"no actor named {self.target!r} to deliver to"
+            if ref is not None:
+                try:
+                    answer = ref.ask(delivery, timeout=self.ask_timeout)
+                except pykka.ActorDeadError:
+                    continue
+                except TargetUnavailable as exc:
+                    why = str(exc)
+                else:
+                    return answer if isinstance(answer, Handled) else Handled()
+            # the target (or what it needs) is being restarted: wait, commit nothing
+            if waited >= self.ask_timeout:  # not the records' fault: crash, the supervisor restarts us
+                raise TargetUnavailable(f"{why} for {self.ask_timeout:g} s")
+            self._halt.wait(pause)
+            waited += pause
+            pause = min(pause * 2, 1.0)
+        return None
+
+    def _dead_letter(self, set_aside: list[SetAside]) -> None:
+        """Write each set-aside record to ``<topic>.dead`` and wait until the broker has them all."""
+        from kafka import KafkaProducer
+
+        self._busy_since = time.monotonic()
+        if self._dead_producer is None:
+            self._dead_producer = KafkaProducer(
+                bootstrap_servers=self.settings.bootstrap, client_id=f"evcharging-{self.component}-dead",
+                acks="all", enable_idempotence=False, linger_ms=0, max_block_ms=self.settings.max_block_ms,
+                request_timeout_ms=self.settings.request_timeout_ms,
+                **self.settings.client_options(KafkaProducer))
+        futures = []
+        for sa in set_aside:
+            item = sa.item
+            topic = (self.settings.dead_topic(item.topic) if item.topic in TOPICS
+                     else item.topic + DEAD_SUFFIX)
+            value, headers = dead_record(item.raw, sa.reason, topic=item.topic, component=self.component,
+                                         partition=item.partition, offset=item.offset)
+            futures.append(self._dead_producer.send(topic, key=item.key.encode() if item.key is not None else None,
+                                                    value=value, headers=headers))
+        self._dead_producer.flush(timeout=self.settings.request_timeout_ms / 1000 * 2)
+        for f in futures:
+            f.get(timeout=self.settings.request_timeout_ms / 1000)  # raises: then nothing is committed
+        self._busy_since = None
+        for sa in set_aside:
+            item = sa.item
+            log.warning("%s: set aside the record at offset %d of %s (partition %d, key %s) in %s%s: %s",
+                        self.component, item.offset, item.topic, item.partition, item.key, item.topic,
+                        DEAD_SUFFIX, sa.reason)
+            self.directory.tell(self.target, DeadLettered(item.topic, item.key, sa.reason, self.component,
+                                                          item.partition, item.offset))
 
 
 def wait_ready(pump: pykka.ActorRef[Any], timeout: float = 20.0) -> bool:

@@ -10,8 +10,10 @@ actor can log it, reply with an ``error`` message and carry on.
 Wire conventions: a message is a JSON object with a ``type`` string; unknown
 fields are ignored; optional fields may be missing or null (``encode`` writes
 them as null); floats must be finite; ids (cp_id, driver_id, session_id) are
-1-64 characters.  ``encode`` validates as well, so nothing the decoder would
-refuse ever reaches the wire.
+1-64 ASCII letters, digits, '.', '_' or '-'; every number and string has an
+upper bound (the constants below; the table is in docs/protocol.md).
+``encode`` validates as well, so nothing the decoder would refuse ever
+reaches the wire.
 
 Project additions (the contract allows new types and fields):
 
@@ -27,12 +29,15 @@ Project additions (the contract allows new types and fields):
 * ``authorize_supply`` carries ``cp_id``.
 * ``stop_charging_response`` carries optional ``session_id`` and ``reason``.
 * Energy, cost, price and power are never negative; telemetry ``seq`` >= 1.
+* ``available_cps_request`` carries optional ``after`` and ``limit`` (paging);
+  ``available_cps_response`` carries ``more``, ``next_after`` and ``total``.
 """
 
 import dataclasses
 import enum
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -66,6 +71,20 @@ AUTHORIZATION_STATUSES = frozenset({"authorized", "denied"})
 REGISTER_STATUSES = frozenset({"accepted", "denied"})
 
 ID_MAX_LEN = 64
+#: Bounds of the wire contract (docs/protocol.md has the table). Anything outside is refused
+#: by the decoder (and by ``encode``) with a sentence naming the field and the bound.
+MAX_SEQ = 2**53 - 1  #: the largest integer a JSON double (every other client's number) holds exactly
+MAX_ENERGY_KWH = 10_000.0  #: per session
+MAX_POWER_KW = 1_000.0
+MAX_PRICE_EUR_KWH = 100.0
+MAX_COST_EUR = 1_000_000.0
+MAX_TIMESTAMP = 4_102_444_800.0  #: 2100-01-01T00:00:00Z (seconds since the epoch; the minimum is 0)
+LOCATION_MAX_LEN = 200
+REASON_MAX_LEN = 500  #: reason, detail: error sentences can name a field, its rule and the value
+TOKEN_MAX_LEN = 200  #: correlation_id, message_id
+WORD_MAX_LEN = 64  #: status, state words
+LIST_MAX_ITEMS = 500  #: items in one reply (charging_points, tickets)
+PAGE_SIZE = 200  #: available_cps_request default page: < 300 KB even with maximal locations
 
 
 class ProtocolError(ValueError):
@@ -107,14 +126,51 @@ class AtLeast:
 
 
 @dataclass(frozen=True, slots=True)
+class AtMost:
+    """Rule: the number is <= ``maximum``."""
+
+    maximum: float
+
+    def complaint(self, value: float) -> str | None:
+        if value <= self.maximum:
+            return None
+        shown = f"{int(self.maximum):,}" if float(self.maximum).is_integer() else f"{self.maximum:g}"
+        return f"must be at most {shown}"
+
+
+@dataclass(frozen=True, slots=True)
+class MaxLen:
+    """Rule: a string has at most ``limit`` characters (an array at most ``limit`` items)."""
+
+    limit: int
+
+    def complaint(self, value: str | tuple[Any, ...]) -> str | None:
+        if len(value) <= self.limit:
+            return None
+        unit = "characters long" if isinstance(value, str) else "items long"
+        return f"must be at most {self.limit} {unit} (it has {len(value)})"
+
+
+#: What an id may be: 1-64 of ASCII letters, digits, '.', '_', '-'.
+_ID_MATCH = re.compile(rf"[A-Za-z0-9._-]{{1,{ID_MAX_LEN}}}\Z").match
+
+
+def is_id(value: str) -> bool:
+    """True when ``value`` is a valid id (see :class:`IdRule`)."""
+    return _ID_MATCH(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
 class IdRule:
-    """Rule: an id is a non-empty string of at most ID_MAX_LEN characters."""
+    """Rule: an id is 1-64 characters, each an ASCII letter, a digit, '.', '_' or '-'."""
 
     def complaint(self, value: str) -> str | None:
         if not value:
             return "must not be empty"
         if len(value) > ID_MAX_LEN:
             return f"must be at most {ID_MAX_LEN} characters long"
+        if not is_id(value):
+            return "may contain only letters, digits, '.', '_' and '-'"
         return None
 
 
@@ -122,8 +178,24 @@ Id = Annotated[str, IdRule()]
 EndReason = Annotated[str, OneOf(END_REASONS)]
 CpStateName = Annotated[str, OneOf(CP_STATES)]
 AuthStatus = Annotated[str, OneOf(AUTHORIZATION_STATUSES)]
-NonNegative = Annotated[float, AtLeast(0)]
-Seq = Annotated[int, AtLeast(1)]
+Energy = Annotated[float, AtLeast(0), AtMost(MAX_ENERGY_KWH)]
+Cost = Annotated[float, AtLeast(0), AtMost(MAX_COST_EUR)]
+Price = Annotated[float, AtLeast(0), AtMost(MAX_PRICE_EUR_KWH)]
+Power = Annotated[float, AtLeast(0), AtMost(MAX_POWER_KW)]
+Timestamp = Annotated[float, AtLeast(0), AtMost(MAX_TIMESTAMP)]
+Seq = Annotated[int, AtLeast(1), AtMost(MAX_SEQ)]
+HealthSeq = Annotated[int, AtLeast(0), AtMost(MAX_SEQ)]
+Count = Annotated[int, AtLeast(0), AtMost(MAX_SEQ)]
+PageLimit = Annotated[int, AtLeast(1), AtMost(LIST_MAX_ITEMS)]
+Token = Annotated[str, MaxLen(TOKEN_MAX_LEN)]
+Location = Annotated[str, MaxLen(LOCATION_MAX_LEN)]
+Reason = Annotated[str, MaxLen(REASON_MAX_LEN)]
+Word = Annotated[str, MaxLen(WORD_MAX_LEN)]
+
+
+def clip(text: str, limit: int = REASON_MAX_LEN) -> str:
+    """``text`` cut to ``limit`` characters (with an ellipsis), to fit a bounded field."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def new_id() -> str:
@@ -139,8 +211,8 @@ class CpInfo:
     """One charging point in an available_cps_response."""
 
     cp_id: Id
-    location: str
-    price_eur_kwh: NonNegative
+    location: Location
+    price_eur_kwh: Price
     state: CpStateName
 
 
@@ -150,11 +222,11 @@ class TicketInfo:
 
     session_id: Id
     cp_id: Id
-    price_eur_kwh: NonNegative
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
-    started_at: float
-    ended_at: float
+    price_eur_kwh: Price
+    energy_kwh: Energy
+    cost_eur: Cost
+    started_at: Timestamp
+    ended_at: Timestamp
     end_reason: EndReason
 
 
@@ -164,10 +236,10 @@ class ActiveSessionInfo:
 
     session_id: Id
     cp_id: Id
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
-    state: str
-    started_at: float | None = None  # None until the vehicle is plugged in
+    energy_kwh: Energy
+    cost_eur: Cost
+    state: Word
+    started_at: Timestamp | None = None  # None until the vehicle is plugged in
 
 
 # --------------------------------------------------------------------------- driver_requests
@@ -175,11 +247,15 @@ class ActiveSessionInfo:
 
 @dataclass(frozen=True, slots=True)
 class AvailableCpsRequest:
-    """Driver -> Central: list the charging points."""
+    """Driver -> Central: list the charging points, one page at a time (ordered by cp_id)."""
 
     TYPE: ClassVar[str] = "available_cps_request"
     driver_id: Id
-    correlation_id: str
+    correlation_id: Token
+    # Additions (paging): only CPs whose cp_id sorts after ``after`` (the previous page's
+    # ``next_after``), at most ``limit`` (default PAGE_SIZE). Without them: the first page.
+    after: Id | None = None
+    limit: PageLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +265,7 @@ class ChargeRequest:
     TYPE: ClassVar[str] = "charge_request"
     driver_id: Id
     cp_id: Id
-    correlation_id: str
+    correlation_id: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +275,7 @@ class StopChargingRequest:
     TYPE: ClassVar[str] = "stop_charging_request"
     driver_id: Id
     session_id: Id
-    correlation_id: str
+    correlation_id: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +284,7 @@ class DriverHello:
 
     TYPE: ClassVar[str] = "driver_hello"
     driver_id: Id
-    correlation_id: str
+    correlation_id: Token
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,9 +305,12 @@ class AvailableCpsResponse:
 
     TYPE: ClassVar[str] = "available_cps_response"
     driver_id: Id
-    correlation_id: str
-    charging_points: tuple[CpInfo, ...]
-    status: str = "ok"
+    correlation_id: Token
+    charging_points: Annotated[tuple[CpInfo, ...], MaxLen(LIST_MAX_ITEMS)]
+    status: Word = "ok"
+    more: bool = False  # addition: more CPs after this page; ask again with after=next_after
+    next_after: Id | None = None  # addition: the last cp_id of this page when ``more``
+    total: Count | None = None  # addition: how many CPs Central knows
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,11 +319,11 @@ class ChargeResponse:
 
     TYPE: ClassVar[str] = "charge_response"
     driver_id: Id
-    correlation_id: str
+    correlation_id: Token
     status: AuthStatus
     cp_id: Id
     session_id: Id | None = None
-    reason: str | None = None
+    reason: Reason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +335,7 @@ class SupplyEvent:
     session_id: Id
     cp_id: Id
     event: Annotated[str, OneOf(SUPPLY_EVENTS)]
-    detail: str | None = None
+    detail: Reason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +347,9 @@ class ChargingStatusUpdate:
     session_id: Id
     cp_id: Id
     seq: Seq
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
-    power_kw: NonNegative
+    energy_kwh: Energy
+    cost_eur: Cost
+    power_kw: Power
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,11 +360,11 @@ class Ticket:
     driver_id: Id
     session_id: Id
     cp_id: Id
-    price_eur_kwh: NonNegative
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
-    started_at: float
-    ended_at: float
+    price_eur_kwh: Price
+    energy_kwh: Energy
+    cost_eur: Cost
+    started_at: Timestamp
+    ended_at: Timestamp
     end_reason: EndReason
 
 
@@ -295,10 +374,10 @@ class StopChargingResponse:
 
     TYPE: ClassVar[str] = "stop_charging_response"
     driver_id: Id
-    correlation_id: str
-    status: str
+    correlation_id: Token
+    status: Word
     session_id: Id | None = None
-    reason: str | None = None
+    reason: Reason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,9 +386,9 @@ class DriverHelloResponse:
 
     TYPE: ClassVar[str] = "driver_hello_response"
     driver_id: Id
-    correlation_id: str
-    tickets: tuple[TicketInfo, ...]
-    status: str = "ok"
+    correlation_id: Token
+    tickets: Annotated[tuple[TicketInfo, ...], MaxLen(LIST_MAX_ITEMS)]
+    status: Word = "ok"
     active_session: ActiveSessionInfo | None = None
 
 
@@ -325,11 +404,11 @@ class ChargingData:
     session_id: Id
     driver_id: Id
     seq: Seq
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
-    power_kw: NonNegative
-    message_id: str = field(default_factory=new_id)
-    timestamp: float = field(default_factory=time.time)
+    energy_kwh: Energy
+    cost_eur: Cost
+    power_kw: Power
+    message_id: Token = field(default_factory=new_id)
+    timestamp: Timestamp = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,11 +419,11 @@ class ChargeCompletion:
     cp_id: Id
     session_id: Id
     driver_id: Id
-    energy_kwh: NonNegative
-    cost_eur: NonNegative
+    energy_kwh: Energy
+    cost_eur: Cost
     end_reason: EndReason
-    message_id: str = field(default_factory=new_id)
-    timestamp: float = field(default_factory=time.time)
+    message_id: Token = field(default_factory=new_id)
+    timestamp: Timestamp = field(default_factory=time.time)
 
 
 # --------------------------------------------------------------------------- Monitor -> Central
@@ -356,8 +435,8 @@ class RegisterRequest:
 
     TYPE: ClassVar[str] = "register_request"
     cp_id: Id
-    correlation_id: str
-    location: str | None = None
+    correlation_id: Token
+    location: Location | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,11 +444,11 @@ class RegisterResponse:
     """Central -> Monitor: answer to register_request; the price comes from Central."""
 
     TYPE: ClassVar[str] = "register_response"
-    correlation_id: str
+    correlation_id: Token
     status: Annotated[str, OneOf(REGISTER_STATUSES)]
-    reason: str | None = None
-    price_eur_kwh: NonNegative | None = None
-    location: str | None = None
+    reason: Reason | None = None
+    price_eur_kwh: Price | None = None
+    location: Location | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +468,7 @@ class FaultNotification:
 
     TYPE: ClassVar[str] = "fault_notification"
     cp_id: Id
-    reason: str
+    reason: Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,10 +484,10 @@ class SupplyAuthorizationResponse:
     """Monitor -> Central: the CP's answer to authorize_supply."""
 
     TYPE: ClassVar[str] = "supply_authorization_response"
-    correlation_id: str
+    correlation_id: Token
     session_id: Id
     accepted: bool
-    reason: str | None = None
+    reason: Reason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,8 +509,8 @@ class SupplyEnded:
     session_id: Id
     end_reason: EndReason
     driver_id: Id | None = None
-    energy_kwh: NonNegative | None = None
-    cost_eur: NonNegative | None = None
+    energy_kwh: Energy | None = None
+    cost_eur: Cost | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +520,7 @@ class CpSupplyRequest:
     TYPE: ClassVar[str] = "cp_supply_request"
     cp_id: Id
     driver_id: Id
-    correlation_id: str
+    correlation_id: Token
 
 
 # --------------------------------------------------------------------------- Central -> Monitor -> Engine
@@ -452,10 +531,10 @@ class AuthorizeSupply:
     """Central -> Monitor -> Engine: get ready to supply driver_id."""
 
     TYPE: ClassVar[str] = "authorize_supply"
-    correlation_id: str
+    correlation_id: Token
     session_id: Id
     driver_id: Id
-    price_eur_kwh: NonNegative
+    price_eur_kwh: Price
     cp_id: Id
 
 
@@ -465,7 +544,7 @@ class StopSupply:
 
     TYPE: ClassVar[str] = "stop_supply"
     session_id: Id
-    reason: str
+    reason: Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +552,7 @@ class StopCp:
     """Central -> Monitor -> Engine: out of order (ends any supply) until resume_cp."""
 
     TYPE: ClassVar[str] = "stop_cp"
-    reason: str
+    reason: Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,11 +567,11 @@ class CpSupplyResponse:
     """Central -> Monitor -> Engine: answer to cp_supply_request (addition)."""
 
     TYPE: ClassVar[str] = "cp_supply_response"
-    correlation_id: str
+    correlation_id: Token
     cp_id: Id
     status: AuthStatus
     session_id: Id | None = None
-    reason: str | None = None
+    reason: Reason | None = None
 
 
 # --------------------------------------------------------------------------- Monitor <-> Engine
@@ -504,7 +583,7 @@ class Hello:
 
     TYPE: ClassVar[str] = "hello"
     cp_id: Id
-    price_eur_kwh: NonNegative
+    price_eur_kwh: Price
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +591,7 @@ class HealthCheck:
     """Monitor -> Engine: are you OK? (every second)"""
 
     TYPE: ClassVar[str] = "health_check"
-    seq: int
+    seq: HealthSeq
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,7 +599,7 @@ class HealthStatus:
     """Engine -> Monitor: answer to health_check with the same seq."""
 
     TYPE: ClassVar[str] = "health_status"
-    seq: int
+    seq: HealthSeq
     ok: bool
 
 
@@ -532,8 +611,54 @@ class ErrorMessage:
     """Any receiver -> the sender of a message it could not accept."""
 
     TYPE: ClassVar[str] = "error"
-    reason: str
-    correlation_id: str | None = None
+    reason: Reason
+    correlation_id: Token | None = None
+
+
+# --------------------------------------------------------------------------- session lifecycle (issue #10)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelSupply:
+    """Central -> Monitor -> Engine: drop session_id (unplugged: no bill; supplying: end it, billed)."""
+
+    # Central cancelled it (authorisation timeout, link loss, a late "accepted", a
+    # stray session, operator close). The Engine always answers supply_ended;
+    # Central repeats the order until it does (docs/protocol.md).
+
+    TYPE: ClassVar[str] = "cancel_supply"
+    session_id: Id
+    reason: Reason = "cancelled by Central"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBilled:
+    """Central -> Monitor -> Engine: the ticket of session_id exists (stop republishing its completion)."""
+
+    TYPE: ClassVar[str] = "session_billed"
+    session_id: Id
+    cp_id: Id | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BillingQuery:
+    """Engine -> Monitor -> Central: is session_id billed? (answered by session_billed, or nothing)"""
+
+    TYPE: ClassVar[str] = "billing_query"
+    cp_id: Id
+    session_id: Id
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyState:
+    """Engine -> Monitor, answering every hello: the session the Engine holds (null when idle)."""
+
+    # A restarted Monitor learns it here and reports it in its heartbeat's supplying_session_id.
+
+    TYPE: ClassVar[str] = "supply_state"
+    cp_id: Id
+    session_id: Id | None = None
+    plugged: bool = False
 
 
 Message = (
@@ -546,6 +671,7 @@ Message = (
     | AuthorizeSupply | StopSupply | StopCp | ResumeCp | CpSupplyResponse
     | Hello | HealthCheck | HealthStatus
     | ErrorMessage
+    | CancelSupply | SessionBilled | BillingQuery | SupplyState
 )
 """Any registered message."""
 
@@ -723,11 +849,15 @@ def _fast_check(hint: Any) -> tuple[type, Callable[[Any], bool]] | None:
         checks.append(math.isfinite)
     for rule in rules:
         if isinstance(rule, IdRule):
-            checks.append(lambda v: 0 < len(v) <= ID_MAX_LEN)
+            checks.append(is_id)
         elif isinstance(rule, OneOf):
             checks.append(rule.values.__contains__)
         elif isinstance(rule, AtLeast):
             checks.append(_at_least(rule.minimum))
+        elif isinstance(rule, AtMost):
+            checks.append(_at_most(rule.maximum))
+        elif isinstance(rule, MaxLen):
+            checks.append(_max_len(rule.limit))
         else:
             return None
     if not checks:
@@ -739,6 +869,14 @@ def _fast_check(hint: Any) -> tuple[type, Callable[[Any], bool]] | None:
 
 def _at_least(minimum: float) -> Callable[[Any], bool]:
     return lambda v: bool(v >= minimum)
+
+
+def _at_most(maximum: float) -> Callable[[Any], bool]:
+    return lambda v: bool(v <= maximum)
+
+
+def _max_len(limit: int) -> Callable[[Any], bool]:
+    return lambda v: len(v) <= limit
 
 
 _T = TypeVar("_T")
