@@ -652,8 +652,21 @@ class CentralActor(SupervisedActor):
                 self._close(cp, sid, f"CP {cp.cp_id} ended it ({why}) but its completion did not arrive",
                             (kwh, eur), why, review=False)
         elif idle >= self.config.reconcile_grace:
-            self._close(cp, sid, f"CP {cp.cp_id} is not running it (its heartbeat shows "
-                                 f"{held or 'no session'} for {idle:.0f} s)", None, "central_stop", review=True)
+            why = f"CP {cp.cp_id} is not running it (its heartbeat shows {held or 'no session'} for {idle:.0f} s)"
+            rec = self.repo.get_session(sid)
+            supplied = cp.supplying or cp.seq > 0 or (rec is not None and (rec.status == "supplying"
+                                                                           or rec.last_seq > 0))
+            if not supplied:
+                self._close(cp, sid, why, None, "central_stop", review=True)  # cancelled: nothing to bill
+                return
+            # It supplied, and its final figures did not reach Central (a supply_ended lost
+            # in a link restart). Never bill from the meter Central saw, which may lag: ask
+            # the CP again (an Engine answers stop_supply for a finished session with its
+            # supply_ended), and its completion, kept until billed, bills it in any case.
+            log.info("%s; asking it for its final figures", why)
+            if cp.link is not None:
+                tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="central_stop")))
+            cp.idle_since = now
 
     def _check_deadlines(self, now: float) -> None:
         """Every tick: Central's liveness record, and the deadline of sessions whose CP is gone."""

@@ -10,10 +10,10 @@ Supervision tree::
     ├─ core (rest_for_one)     each child depends on those before it
     │  ├─ sessions          Supervisor (one_for_one) of SessionActor "session:<id>" (transient)
     │  ├─ central           CentralActor: registry, states, authorisation, admin
+    │  ├─ monitor-conns     Supervisor of ServerConnection, one per Monitor (temporary)
     │  ├─ requests-pump     ConsumerPump driver_requests → central
     │  ├─ router            SessionRouter: Engine records → session actors
-    │  ├─ sessions-pump     ConsumerPump charging_session_data + _complete → router
-    │  └─ monitor-conns     Supervisor of ServerConnection, one per Monitor (temporary)
+    │  └─ sessions-pump     ConsumerPump charging_session_data + _complete → router
     └─ monitor-listener  Listener: Monitor sockets → monitor-conns (keeps the port open)
 
 Why this order: Central re-adopts the live sessions from the database when
@@ -139,6 +139,10 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         ChildSpec("sessions", Supervisor, ("sessions",), {"directory": directory}),
         ChildSpec("central", CentralActor,
                   (central_cfg, directory, spawner_by_name(directory, "sessions", restart="transient"))),
+        # Connections are temporary children: a connection actor owns one accepted socket,
+        # which is gone when it crashes; the Monitor reconnects and gets a fresh actor.
+        # Before the pumps: a pump that crashes (a broker outage) must not close them.
+        ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
         ChildSpec("requests-pump", ConsumerPump, (settings, ("driver_requests",), "central", directory),
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
         ChildSpec("router", SessionRouter, (directory,)),
@@ -146,11 +150,6 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
                   (settings, ("charging_session_data", "charging_session_complete"), "router", directory),
                   {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
                    "max_records": SESSIONS_POLL_RECORDS}),
-        # Connections are temporary children: a connection actor owns one accepted socket,
-        # which is gone when it crashes; the Monitor reconnects and gets a fresh actor.
-        # Last, so it is the first stopped when Central restarts: no reconnecting Monitor
-        # can land in the old one (the listener waits until the new one is up).
-        ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
     ]
     children = [
         ChildSpec("ledger", LedgerActor, (config.db_path,)),

@@ -60,7 +60,8 @@ PROGRAMS = [
             frozenset({"console", "console_stream"})),
     Program("evcharging up", NetworkSpec, _up_parser, _launcher_config,
             frozenset({"extra_central", "extra_engine", "extra_monitor", "extra_driver", "broker_port",
-                       "broker_advertised_port", "monitor_central", "monitor_engine", "component_broker"})),
+                       "broker_advertised_port", "monitor_central", "monitor_engine", "component_broker",
+                       "central_console"})),
 ]
 IDS = [p.name for p in PROGRAMS]
 
