@@ -50,6 +50,9 @@ log = logging.getLogger("evcharging.central")
 
 ACTIVE, DISCONNECTED = CpState.ACTIVE, CpState.DISCONNECTED
 
+CLOSING_TIMEOUT = 30.0
+"""Seconds Central waits for the ticket of a session it closed itself before it may try again."""
+
 
 @dataclass(frozen=True, slots=True)
 class CentralConfig:
@@ -94,6 +97,12 @@ class CpView:
     idle_since: float | None = None  # monotonic: since when the CP's heartbeat does not show the session
     ended: tuple[float, float, str] | None = None  # the CP's supply_ended figures (kWh, €, end reason)
     lost_since: float | None = None  # monotonic: since when the CP's Monitor is gone (with a live session)
+
+    def bind(self, session_id: str | None, driver_id: str | None) -> None:
+        """Start (or, with None, forget) the CP's session: what Central learnt about the
+        previous one (its final figures, idle and lost clocks) never carries over."""
+        self.session_id, self.driver_id = session_id, driver_id
+        self.ended = self.idle_since = self.lost_since = None
 
     def derive(self, now: float, life_timeout: float) -> CpState:
         """Connected means: a Monitor link and a life message within ``life_timeout``."""
@@ -187,7 +196,11 @@ class CentralActor(SupervisedActor):
         self._dirty = True
         self._cancels: dict[str, _Cancel] = {}  # session id -> cancel the CP must confirm
         self._strays: dict[str, float] = {}  # session id the CP holds, unknown to Central -> first seen
-        self._closing: set[str] = set()  # sessions Central is billing itself (a completion is on its way)
+        # Sessions Central is billing itself (its completion is on its way to the session
+        # actor) -> since when. An entry that outlives CLOSING_TIMEOUT failed (the session
+        # actor crashed or the ledger rejected it): the deadlines and the reconciliation
+        # may act on that session again.
+        self._closing: dict[str, float] = {}
         self._unconfirmed: set[str] = set()  # reloaded sessions the CP has not shown in a heartbeat yet
         self._run_id: int | None = None
         self._up_since = time.time()
@@ -453,7 +466,7 @@ class CentralActor(SupervisedActor):
         self._started[session_id] = pending.started
         pending.timer = schedule(self.config.authorize_timeout, self.actor_ref, _AuthTimeout(corr))
         self._pending[corr] = pending
-        cp.session_id, cp.driver_id = session_id, driver_id
+        cp.bind(session_id, driver_id)
         cp.energy_kwh = cp.cost_eur = cp.power_kw = 0.0
         cp.seq = 0
         self._live[session_id] = cp
@@ -481,13 +494,13 @@ class CentralActor(SupervisedActor):
             self._driver_event(p.driver_id, p.session_id, p.cp_id, "authorized", f"plug in at CP {p.cp_id}")
             self._note(f"CP {p.cp_id} authorised session {p.session_id} for driver {p.driver_id}")
         else:
-            self.repo.cancel_session(p.session_id, reason, time.time())
+            self.repo.cancel_session(p.session_id, reason, time.time(), by="central" if stop_cp else "cp")
             if stop_cp:
                 self._cancel_at_cp(p.cp_id, p.session_id, reason)
             self._live.pop(p.session_id, None)
             self._started.pop(p.session_id, None)
             if cp.session_id == p.session_id:
-                cp.session_id = cp.driver_id = None
+                cp.bind(None, None)
             self._note(f"Session {p.session_id} at CP {p.cp_id} denied: {reason}")
             self._refresh(cp)
         if p.origin == "driver":
@@ -524,7 +537,7 @@ class CentralActor(SupervisedActor):
         cp = self.cps.get(rec.cp_id)
         if cp is None:
             return
-        cp.session_id, cp.driver_id = rec.session_id, rec.driver_id
+        cp.bind(rec.session_id, rec.driver_id)
         cp.energy_kwh, cp.cost_eur, cp.seq = rec.energy_kwh, rec.cost_eur, rec.last_seq
         cp.supplying = rec.status == "supplying"
         self._live[rec.session_id] = cp
@@ -564,7 +577,7 @@ class CentralActor(SupervisedActor):
         if cp is None:
             return DISCONNECTED
         if cp.session_id == session_id:
-            cp.session_id = cp.driver_id = None
+            cp.bind(None, None)
             cp.supplying = False
             cp.power_kw = 0.0
         self._live.pop(session_id, None)
@@ -578,7 +591,7 @@ class CentralActor(SupervisedActor):
         self._started.pop(b.session_id, None)
         cp = self.cps.get(b.cp_id)
         if cp is not None and cp.session_id == b.session_id:
-            cp.session_id = cp.driver_id = None
+            cp.bind(None, None)
             cp.supplying = False
             self._refresh(cp)
         if b.created:
@@ -622,7 +635,13 @@ class CentralActor(SupervisedActor):
             if now - first >= self.config.reconcile_grace:
                 del self._strays[held]
                 rec = self.repo.get_session(held)
-                if rec is None or rec.status != "completed":
+                if rec is not None and rec.status == "completed" and cp.link is not None:
+                    # Central closed and billed it (operator, lost deadline) while the CP went on.
+                    self._note(f"CP {cp.cp_id} is still running session {held}, already billed: "
+                               "telling it to stop")
+                    self.repo.audit("central", cp.cp_id, "billed_session_running", held)
+                    tell(cp.link, Send(protocol.StopSupply(session_id=held, reason="central_stop")))
+                elif rec is None or rec.status != "completed":
                     why = f"CP {cp.cp_id} was running session {held}, which Central does not consider live"
                     self._note(why + ": telling it to stop; what it supplied is billed for review")
                     self.repo.audit("central", cp.cp_id, "stray_session", held)
@@ -670,6 +689,11 @@ class CentralActor(SupervisedActor):
 
     def _check_deadlines(self, now: float) -> None:
         """Every tick: Central's liveness record, and the deadline of sessions whose CP is gone."""
+        for closing, since in list(self._closing.items()):
+            if now - since > CLOSING_TIMEOUT:
+                log.warning("Central's own close of session %s did not produce a ticket in %g s; "
+                            "it will be tried again", closing, CLOSING_TIMEOUT)
+                del self._closing[closing]
         self._ensure_run()
         wall = time.time()
         if self._run_id is not None and wall - self._alive_at >= 1.0:
@@ -701,7 +725,7 @@ class CentralActor(SupervisedActor):
         self._unconfirmed.discard(sid)
         cp.idle_since = None
         if figures is None and rec.status == "authorized" and max(cp.seq, rec.last_seq) == 0 and not cp.supplying:
-            self.repo.cancel_session(sid, why, time.time())
+            self.repo.cancel_session(sid, why, time.time(), by="central")
             self.repo.audit("central", cp.cp_id, "session_cancelled", f"{sid}: {why}")
             self._cancel_at_cp(cp.cp_id, sid, why)
             self._driver_event(rec.driver_id, sid, cp.cp_id, "denied", f"session cancelled: {why}")
@@ -717,12 +741,12 @@ class CentralActor(SupervisedActor):
             self.repo.audit("central", cp.cp_id, "session_closed", f"{sid}: {why}")
         if cp.link is not None and not cp.ended:
             tell(cp.link, Send(protocol.StopSupply(session_id=sid, reason="central_stop")))
-        self._closing.add(sid)
+        self._closing[sid] = time.monotonic()
         self._start_session_actor(rec)
         completion = protocol.ChargeCompletion(cp_id=cp.cp_id, session_id=sid, driver_id=rec.driver_id,
                                                energy_kwh=kwh, cost_eur=eur, end_reason=reason)
         if not self.directory.tell(f"session:{sid}", completion):
-            self._closing.discard(sid)
+            self._closing.pop(sid, None)
             return f"session {sid}: its session actor is not running; try again"
         self._driver_event(rec.driver_id, sid, cp.cp_id, "stopped", why)
         self._note(f"Central closed session {sid} at CP {cp.cp_id}: {why} ({kwh:.3f} kWh, {eur:.2f} €)")
@@ -746,7 +770,7 @@ class CentralActor(SupervisedActor):
 
     def _tell_cp_billed(self, cp_id: str, session_id: str) -> None:
         """The ticket exists: the CP may stop republishing its completion."""
-        self._closing.discard(session_id)
+        self._closing.pop(session_id, None)
         cp = self.cps.get(cp_id)
         if cp is not None:
             if cp.session_id == session_id:
@@ -756,7 +780,13 @@ class CentralActor(SupervisedActor):
 
     def _on_billing_query(self, cp: CpView, link: pykka.ActorRef[Any], msg: protocol.BillingQuery) -> None:
         ticket = self.repo.get_ticket(msg.session_id)
-        if ticket is not None and ticket.cp_id == cp.cp_id:
+        session = self.repo.get_session(msg.session_id) if ticket is None else None
+        # Settled: billed, or refused by the CP itself (never billed, so the Engine
+        # must stop republishing it). A session Central cancelled on its own is not
+        # settled until its completion is billed (the CP may have supplied it).
+        refused = session is not None and session.status == "cancelled" and session.cancelled_by != "central"
+        owner = ticket.cp_id if ticket is not None else session.cp_id if session is not None else None
+        if (ticket is not None or refused) and owner == cp.cp_id:
             tell(link, Send(protocol.SessionBilled(session_id=msg.session_id, cp_id=cp.cp_id)))
 
     def _ensure_run(self) -> None:

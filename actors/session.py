@@ -27,7 +27,7 @@ from actors.messages import (
 from actors.runtime import Directory, SupervisedActor, Supervision
 from persistence import LIVE_STATUSES, SessionRecord, TicketRecord
 from transport import protocol
-from transport.kafka import Publish
+from transport.kafka import Publish, TargetUnavailable
 
 log = logging.getLogger("evcharging.central.session")
 
@@ -126,8 +126,8 @@ class SessionActor(SupervisedActor):
             self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(self.billed)))
             return self.billed
         ledger = self.directory.get("ledger")
-        if ledger is None:
-            raise RuntimeError("the ledger is not running; the completion will be redelivered")
+        if ledger is None:  # restarting: not the record's fault, so it must not count as an attempt
+            raise TargetUnavailable("the ledger is not running; the completion will be redelivered")
         verdict: BillRejected | None = ledger.ask(VetCompletion(c, self.energy_kwh), block=True, timeout=30)
         if verdict is not None or self.billed is not None:
             self.rejected += 1

@@ -169,11 +169,19 @@ CREATE TABLE central_runs (
 );
 """
 
+# Who cancelled a session: the CP itself (it refused: any completion for it is
+# not the CP's) or Central on its own (timeout, link loss, operator: the CP may
+# have accepted and supplied it, which is then billed, flagged for review).
+_SCHEMA_V4: Final = """
+ALTER TABLE sessions ADD COLUMN cancelled_by TEXT CHECK (cancelled_by IN ('cp', 'central'));
+"""
+
 #: Central's schema history. Append only: never edit an applied step.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "charging points, drivers, sessions, tickets, dedupe, audit", _SCHEMA_V1),
     Migration(2, "central bills (max power, review flags), charge request answers, durable stops", _SCHEMA_V2),
     Migration(3, "central runs: up since / alive at (Central's own record of its downtime)", _SCHEMA_V3),
+    Migration(4, "who cancelled a session (the CP, or Central on its own)", _SCHEMA_V4),
 )
 
 _SCHEMA_VERSION_DDL: Final = """

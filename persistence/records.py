@@ -61,6 +61,7 @@ class SessionRecord:
     cost_eur: float
     end_reason: str | None
     review: str | None = None  # why the bill needs an operator's look (None: nothing)
+    cancelled_by: str | None = None  # 'cp' (it refused) or 'central' (gave up on its own); None unless cancelled
 
 
 @dataclass(frozen=True, slots=True)

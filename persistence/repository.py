@@ -54,6 +54,11 @@ _DURATION_SLACK_S: Final = 10.0
 _COST_TOLERANCE_EUR: Final = 0.01
 
 
+def _join_review(earlier: str | None, now: str | None) -> str | None:
+    """Review notes accumulate ("; "-separated); None when there is none."""
+    return "; ".join(n for n in (earlier, now) if n) or None
+
+
 def _check_price(price_eur_kwh: float) -> float:
     """Reject prices SQLite would store wrongly (NaN becomes NULL) or that make no sense."""
     price = float(price_eur_kwh)
@@ -359,9 +364,13 @@ class Repository(SqliteStore):
         )
         return cursor.rowcount == 1
 
-    def cancel_session(self, session_id: str, reason: str, at: float) -> bool:
+    def cancel_session(self, session_id: str, reason: str, at: float, *, by: str = "cp") -> bool:
         """End a session that was authorised but never started (denied by the
         CP, or the CP vanished before plug-in): no ticket is issued.
+
+        ``by``: 'cp' when the CP refused it, 'central' when Central gave up on
+        its own (the CP may have accepted: a completion with energy is then
+        billed, flagged for review, see :meth:`complete_session`).
 
         Only an 'authorized' session is cancelled (returns True). A supplying
         session is left alone (returns False): energy was delivered and must
@@ -373,9 +382,9 @@ class Repository(SqliteStore):
             if session.status != "authorized":
                 return False
             self._conn.execute(
-                "UPDATE sessions SET status = 'cancelled', end_reason = ?, ended_at = ? "
+                "UPDATE sessions SET status = 'cancelled', end_reason = ?, ended_at = ?, cancelled_by = ? "
                 "WHERE session_id = ?",
-                (reason, at, session_id),
+                (reason, at, "central" if by == "central" else "cp", session_id),
             )
             # A request the CP had not answered yet is now denied, with this reason
             # (one the driver was already told 'authorized' keeps that answer).
@@ -481,6 +490,9 @@ class Repository(SqliteStore):
                             f"Central bills {cost:.2f} EUR at {session.price_eur_kwh:g} EUR/kWh")
             if review is not None:
                 self._audit(now, "central", session.cp_id, "energy_review", f"{session_id}: {review}")
+            # A review note written earlier (Central closed the session itself, a stray
+            # session) is kept and joined with this one; the ticket carries both.
+            review = _join_review(session.review, review)
             self._conn.execute(
                 "UPDATE sessions SET status = 'completed', energy_kwh = ?, cost_eur = ?, "
                 "end_reason = ?, ended_at = ?, review = ? WHERE session_id = ?",
@@ -534,9 +546,14 @@ class Repository(SqliteStore):
                 now: float) -> tuple[float, str | None]:
         """Central's billing checks of an unbilled session: ``(kWh to bill, review or None)``,
         or BillingRejected (see :meth:`complete_session`)."""
+        note = None
         if session.status == "cancelled":
-            raise BillingRejected(session.session_id, "cancelled",
-                                  f"Central cancelled the session ({session.end_reason or 'no reason'})")
+            if session.cancelled_by != "central" or energy <= _KWH_EPSILON:
+                raise BillingRejected(session.session_id, "cancelled",
+                                      f"Central cancelled the session ({session.end_reason or 'no reason'})")
+            # Central gave up on its own (timeout, link loss) after the CP had accepted,
+            # and the CP supplied it: what was supplied is billed, for review.
+            note = f"supplied after Central cancelled it ({session.end_reason or 'no reason'})"
         cp = self._cp(session.cp_id)
         max_power = cp.max_power_kw if cp is not None else DEFAULT_MAX_POWER_KW
         duration = max(0.0, now - session.created_at) + _DURATION_SLACK_S
@@ -546,9 +563,10 @@ class Repository(SqliteStore):
             raise BillingRejected(session.session_id, "below_metered",
                                   f"{energy:.6f} kWh is less than the {floor:.6f} kWh Central already metered")
         if energy > plausible + _KWH_EPSILON:
-            return plausible, (f"reported {energy:.3f} kWh exceeds what {max_power:g} kW can deliver in "
-                               f"{duration:.0f} s ({plausible:.3f} kWh); billed {plausible:.3f} kWh")
-        return energy, None
+            return plausible, _join_review(note, (f"reported {energy:.3f} kWh exceeds what {max_power:g} kW can "
+                                                  f"deliver in {duration:.0f} s ({plausible:.3f} kWh); "
+                                                  f"billed {plausible:.3f} kWh"))
+        return energy, note
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         """The session, or None."""

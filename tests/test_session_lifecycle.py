@@ -126,3 +126,41 @@ def test_operator_close_and_billing_query(central) -> None:
     m.send(protocol.BillingQuery(cp_id="MAD1", session_id=sid))
     m.expect(protocol.SessionBilled, lambda b: b.session_id == sid)
     assert central.ask("central", CloseSession("SNOPE")) == "no live session SNOPE"
+
+
+def test_the_previous_sessions_final_figures_never_bill_the_next_one(central) -> None:
+    """Review finding: S1's supply_ended figures stayed on the CP and closed S2 with them."""
+    m = active_monitor(central, "MAD1")
+    s1 = _accepted(central, m)
+    m.send(protocol.SupplyStarted(cp_id="MAD1", session_id=s1, driver_id="d1"))
+    m.send(protocol.SupplyEnded(cp_id="MAD1", session_id=s1, end_reason="unplugged", driver_id="d1",
+                                energy_kwh=0.5, cost_eur=0.2))
+    central.peer.send("charging_session_complete", "MAD1", protocol.ChargeCompletion(
+        cp_id="MAD1", session_id=s1, driver_id="d1", energy_kwh=0.5, cost_eur=0.2, end_reason="unplugged"))
+    wait_until(lambda: _session(central, s1)[1] is not None, what="S1 billed")
+    s2 = _accepted(central, m, driver="d2")
+    m.send(protocol.SupplyStarted(cp_id="MAD1", session_id=s2, driver_id="d2"))
+    # the CP holds S2 for longer than Central's completion wait (10 s): nothing closes it
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        m.send(protocol.Heartbeat(cp_id="MAD1", engine_ok=True, supplying_session_id=s2))
+        time.sleep(0.5)
+    rec, ticket = _session(central, s2)
+    assert rec.status == "supplying" and ticket is None
+    assert central.ask("central", CentralStatus())["MAD1"]["session_id"] == s2
+
+
+def test_a_session_central_gave_up_on_but_the_cp_supplied_is_billed_for_review(central) -> None:
+    """Central cancels on its own (the CP's answer came too late); the CP had accepted and
+    supplied: what it supplied is billed once, flagged for review (not dead-lettered)."""
+    m = active_monitor(central, "MAD1")
+    corr = charge(central, "d1", "MAD1")
+    auth = m.expect(protocol.AuthorizeSupply)
+    assert "did not answer" in response(central, corr).reason  # authorize timeout (2 s here)
+    late = protocol.ChargeCompletion(cp_id="MAD1", session_id=auth.session_id, driver_id="d1", energy_kwh=0.2,
+                                     cost_eur=0.08, end_reason="central_stop")
+    central.peer.send("charging_session_complete", "MAD1", late)
+    wait_until(lambda: _session(central, auth.session_id)[1] is not None, what="the ticket")
+    rec, ticket = _session(central, auth.session_id)
+    assert rec.status == "completed" and ticket.energy_kwh == 0.2 and ticket.cost_cents == 8
+    assert ticket.review and "supplied after Central cancelled it" in ticket.review
