@@ -720,13 +720,14 @@ class ConsumerPump(SupervisedActor):
         while attempt < self.retry_attempts:
             try:
                 answer = self._deliver(Delivery(items))
-            except (TargetUnavailable, ConsumerStalled):
+            except (TargetUnavailable, ConsumerStalled, pykka.Timeout, pykka.ActorDeadError):
+                # Not the records' fault (an actor on the way is restarting, or the system is
+                # too slow to answer in time): never counted towards dead-lettering them; the
+                # pump crashes and its supervisor starts another, which reads them again.
                 raise
-            except Exception as exc:  # retriable: the target failed (or did not answer in time)
+            except Exception as exc:  # retriable: the target failed on these records
                 attempt += 1
                 error = str(exc) or type(exc).__name__
-                if isinstance(exc, pykka.Timeout):
-                    error = f"{self.target} did not answer within {self.ask_timeout:g} s"
                 where = (f"offset {items[0].offset} of {items[0].topic}" if len(items) == 1
                          else f"{len(items)} records")
                 if attempt < self.retry_attempts:
