@@ -14,7 +14,7 @@ from actors.central import CentralStatus
 from actors.console import ConsoleLine
 from persistence import Repository
 from supervisors.central_system import CentralSystemConfig, start_central
-from tests import test_central
+from tests import fault_matrix, test_central
 from tests.fakes import FakeMonitor
 from tests.test_central import active_monitor, charge, response, state
 from tests.waiting import wait_until
@@ -181,6 +181,8 @@ def test_the_same_charge_request_twice_gets_the_same_answer(central) -> None:
     assert set(answers(central, busy.correlation_id)) == {("denied", None, "CP MAD1 is busy")}
     with pytest.raises(AssertionError):
         m.expect(protocol.AuthorizeSupply, timeout=0.5)
+    row = fault_matrix.billing_row("10 same charge_request three times", central.db, [auth.session_id], None)
+    assert (row.lost, row.double_billed) == (0, 0)
 
 
 def test_stop_all_survives_a_central_restart(central, kafka_settings) -> None:
