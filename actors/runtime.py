@@ -187,11 +187,31 @@ class Directory:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
 
     def register(self, name: str, ref: pykka.ActorRef[Any]) -> None:
         with self._lock:
             self._refs[name] = ref
+            self._registered.notify_all()
+
+    def wait_for(self, name: str, timeout: float) -> pykka.ActorRef[Any] | None:
+        """Block until an actor named ``name`` runs (None after ``timeout``).
+
+        For plain threads only (e.g. a listener's handshake thread waiting while a
+        supervisor restarts): an actor must never block its mailbox on this.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                ref = self._refs.get(name)
+                if ref is not None and ref.is_alive():
+                    return ref
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                # a registered ref can die without an unregister yet: look again soon
+                self._registered.wait(min(left, 0.05))
 
     def unregister(self, name: str, ref: pykka.ActorRef[Any] | None = None) -> None:
         with self._lock:

@@ -165,7 +165,7 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     # listening socket, or reconnecting Monitors would find the port closed.
     children.append(ChildSpec("monitor-listener", Listener,
                               (config.host, config.port, "central", directory,
-                               spawner_by_name(directory, "monitor-conns")),
+                               spawner_by_name(directory, "monitor-conns", wait=True)),
                               {"max_connections": config.max_monitors, "component": "central-listener"}))
     return start_system("central", children, directory, max_restarts=10, period=30)
 

@@ -118,7 +118,7 @@ def start_engine(config: EngineConfig = EngineConfig()) -> RunningSystem:
         ChildSpec("core", Supervisor, ("core", core), {"directory": directory, "strategy": "rest_for_one"}),
         ChildSpec("monitor-listener", Listener,
                   (config.listen_host, config.listen_port, "engine", directory,
-                   spawner_by_name(directory, "monitor-conns")),
+                   spawner_by_name(directory, "monitor-conns", wait=True)),
                   {"max_connections": config.max_connections, "component": "monitor-listener"}),
     ]
     return start_system(config.name, children, directory=directory)

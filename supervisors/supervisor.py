@@ -332,18 +332,21 @@ def spawner(supervisor: pykka.ActorRef[Supervisor], timeout: float = 10.0,
 
 
 def spawner_by_name(directory: Directory, supervisor_name: str, timeout: float = 10.0,
-                    restart: Restart = "temporary") -> Callable[..., Any]:
+                    restart: Restart = "temporary", *, wait: bool = False) -> Callable[..., Any]:
     """Like :func:`spawner`, but finds the supervisor by name at each call,
-    so it keeps working after that supervisor was itself restarted. While it
-    is being restarted (its owner restarted, rest_for_one), the call waits for
-    it, at most ``timeout`` seconds."""
+    so it keeps working after that supervisor was itself restarted.
+
+    ``wait``: while it is being restarted (its owner restarted, rest_for_one),
+    block until it is back, at most ``timeout`` seconds — only for callers on a
+    plain thread (a listener's handshake); an actor's spawner must not wait,
+    it fails at once instead.
+    """
 
     def spawn(name: str, actor_class: type[SupervisedActor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         deadline = time.monotonic() + timeout
-        while (supervisor := directory.get(supervisor_name)) is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"supervisor {supervisor_name!r} is not running")
-            time.sleep(0.01)
+        supervisor = directory.wait_for(supervisor_name, timeout) if wait else directory.get(supervisor_name)
+        if supervisor is None:
+            raise RuntimeError(f"supervisor {supervisor_name!r} is not running")
         try:
             return spawner(supervisor, timeout, restart)(name, actor_class, args, kwargs)
         except pykka.ActorDeadError:  # stopped between the lookup and the ask: once more

@@ -254,3 +254,15 @@ def test_a_crash_counts_once_towards_intensity_however_many_siblings_restart() -
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown supervision strategy"):
         Supervisor("x", strategy="all_for_none")  # type: ignore[arg-type]
+
+
+def test_directory_wait_for_blocks_a_plain_thread_until_the_name_runs() -> None:
+    directory = Directory()
+    counter = Counter()
+    assert directory.wait_for("late", 0.1) is None  # bounded: nobody registers it
+    ref = Worker.start(counter)
+    try:
+        threading.Timer(0.2, directory.register, args=("late", ref)).start()
+        assert directory.wait_for("late", 5) is ref
+    finally:
+        ref.stop()
