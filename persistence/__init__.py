@@ -23,15 +23,22 @@ from persistence.records import (
     AuditRecord,
     ChargeRequestRecord,
     CpRecord,
+    CredentialRecord,
     JournalEntry,
+    KeyRecord,
     SessionRecord,
     TicketRecord,
     bill_cents,
     cents_from_eur,
 )
 from persistence.repository import Checkpoint, Repository
+from persistence.trust import RegistryStore, TrustMixin
 
 __all__ = [
+    "RegistryStore",
+    "TrustMixin",
+    "CredentialRecord",
+    "KeyRecord",
     "MIGRATIONS",
     "JOURNAL_MIGRATIONS",
     "LIVE_STATUSES",

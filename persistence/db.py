@@ -176,12 +176,51 @@ _SCHEMA_V4: Final = """
 ALTER TABLE sessions ADD COLUMN cancelled_by TEXT CHECK (cancelled_by IN ('cp', 'central'));
 """
 
+# Issue #11 (trust boundary): the registry's credentials (only a slow hash of each
+# secret), its change feed (how Central sees registrations without restarting),
+# the CP keys Central issued, and who/from where/with what in the audit log.
+_SCHEMA_V5: Final = """
+CREATE TABLE credentials (
+    kind             TEXT NOT NULL CHECK (kind IN ('cp', 'driver')),
+    id               TEXT NOT NULL,
+    verifier         BLOB NOT NULL,       -- Argon2id of the secret (transport/security.py)
+    created_at       REAL NOT NULL,
+    deregistered_at  REAL,                -- NULL: registered
+    PRIMARY KEY (kind, id)
+);
+
+-- Append-only feed of registry changes; Central polls MAX(rev).
+CREATE TABLE registry_changes (
+    rev     INTEGER PRIMARY KEY,
+    at      REAL NOT NULL,
+    kind    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    change  TEXT NOT NULL CHECK (change IN ('registered', 'deregistered'))
+);
+
+-- Keys Central issued to CPs at each authentication (AES-256-GCM).
+CREATE TABLE cp_keys (
+    key_id     TEXT PRIMARY KEY,
+    cp_id      TEXT NOT NULL,
+    key        BLOB NOT NULL,
+    issued_at  REAL NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('current', 'replaced', 'revoked')),
+    ended_at   REAL,
+    reason     TEXT
+);
+CREATE UNIQUE INDEX cp_keys_one_current ON cp_keys (cp_id) WHERE state = 'current';
+
+ALTER TABLE audit_log ADD COLUMN address TEXT;   -- where it came from (host:port), when known
+ALTER TABLE audit_log ADD COLUMN params TEXT;    -- JSON object of the event's parameters
+"""
+
 #: Central's schema history. Append only: never edit an applied step.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "charging points, drivers, sessions, tickets, dedupe, audit", _SCHEMA_V1),
     Migration(2, "central bills (max power, review flags), charge request answers, durable stops", _SCHEMA_V2),
     Migration(3, "central runs: up since / alive at (Central's own record of its downtime)", _SCHEMA_V3),
     Migration(4, "who cancelled a session (the CP, or Central on its own)", _SCHEMA_V4),
+    Migration(5, "trust boundary: credentials, registry changes, CP keys, audit address and params", _SCHEMA_V5),
 )
 
 _SCHEMA_VERSION_DDL: Final = """

@@ -112,6 +112,8 @@ class AuditRecord:
     subject: str
     event: str
     detail: str
+    address: str | None = None
+    params: str | None = None  # JSON object
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,3 +168,31 @@ def bill_cents(energy_kwh: float, price_eur_kwh: float) -> int:
     """
     product = Decimal(repr(float(energy_kwh))) * Decimal(repr(float(price_eur_kwh)))
     return int(product.quantize(_CENT, rounding=ROUND_HALF_UP).scaleb(2))
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    """A registered CP or driver: only the slow hash (verifier) of its secret."""
+
+    kind: str
+    id: str
+    verifier: bytes
+    created_at: float
+    deregistered_at: float | None
+
+    @property
+    def registered(self) -> bool:
+        return self.deregistered_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key Central issued to a CP."""
+
+    key_id: str
+    cp_id: str
+    key: bytes
+    issued_at: float
+    state: str
+    ended_at: float | None
+    reason: str | None

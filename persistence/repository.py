@@ -24,7 +24,6 @@ from persistence.db import MIGRATIONS, SqliteStore, transaction
 from persistence.errors import BillingRejected, Conflict, UnknownChargingPoint, UnknownSession
 from persistence.records import (
     DEFAULT_MAX_POWER_KW,
-    AuditRecord,
     ChargeRequestRecord,
     CpRecord,
     SessionRecord,
@@ -32,6 +31,7 @@ from persistence.records import (
     bill_cents,
     columns,
 )
+from persistence.trust import TrustMixin
 
 __all__ = ["Repository", "Checkpoint"]
 
@@ -41,7 +41,6 @@ Checkpoint = tuple[str, int, float, float]
 _CP_COLS = columns(CpRecord)
 _SESSION_COLS = columns(SessionRecord)
 _TICKET_COLS = columns(TicketRecord)
-_AUDIT_COLS = columns(AuditRecord)
 _REQUEST_COLS = columns(ChargeRequestRecord)
 _LIVE = "status IN ('authorized', 'supplying')"
 
@@ -96,7 +95,7 @@ def _check_amount(name: str, value: float) -> float:
     return amount
 
 
-class Repository(SqliteStore):
+class Repository(TrustMixin, SqliteStore):
     """Central's database. Construct with a path (opens and migrates) or use
     :meth:`open`; :meth:`close` when done (also a context manager).
 
@@ -633,27 +632,6 @@ class Repository(SqliteStore):
             (message_id, topic, at),
         )
         return cursor.rowcount == 1
-
-    # -------------------------------------------------------------------- audit
-
-    def audit(self, component: str, subject: str, event: str, detail: str = "") -> None:
-        """Append a line to the operator's audit trail."""
-        with transaction(self._conn):
-            self._audit(self._clock(), component, subject, event, detail)
-
-    def _audit(self, at: float, component: str, subject: str, event: str, detail: str) -> None:
-        """Inside a caller's transaction: the audit line commits (or not) with its cause."""
-        self._conn.execute(
-            "INSERT INTO audit_log (at, component, subject, event, detail) VALUES (?, ?, ?, ?, ?)",
-            (at, component, subject, event, detail),
-        )
-
-    def recent_audit(self, limit: int = 50) -> list[AuditRecord]:
-        """The latest ``limit`` audit lines, newest first."""
-        rows = self._conn.execute(
-            f"SELECT {_AUDIT_COLS} FROM audit_log ORDER BY id DESC LIMIT ?", (int(limit),)
-        )
-        return [AuditRecord(*row) for row in rows]
 
     # -------------------------------------------------------------------- stats
 

@@ -37,6 +37,7 @@ import pykka
 from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 from transport import framing, protocol
 from transport.reader import SocketReader, Watch, shared_reader
+from transport.security import LinkSeal, SecurityError
 
 log = logging.getLogger("evcharging.link")
 
@@ -58,10 +59,42 @@ class LinkUp:
 
 @dataclass(frozen=True, slots=True)
 class FrameIn:
-    """A valid protocol message arrived on ``link``."""
+    """A valid protocol message arrived on ``link``.
+
+    ``principal`` is the CP id the link authenticated (its frames were sealed
+    with that CP's key and opened by the link); None on a link that has not
+    been admitted with a seal (before authentication, or ``--enroll open``).
+    """
 
     link: pykka.ActorRef[Any]
     message: protocol.Message
+    principal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRejected:
+    """Link → owner: a frame was refused at the trust boundary (``reason``: a sentence, for the audit)."""
+
+    link: pykka.ActorRef[Any]
+    peer: str
+    reason: str
+    principal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Owner (or gate) → link: the peer authenticated as ``principal``.
+
+    From now on frames go to the owner (not the gate), carry the principal
+    and, with a ``seal``, every frame in both directions is sealed with it
+    (:class:`~transport.security.LinkSeal`); a plain or badly sealed frame is
+    answered ``error``, reported as :class:`FrameRejected` and never delivered.
+    ``seal=None`` admits the link unsealed (development mode). A new socket
+    (a reconnect) starts unadmitted again.
+    """
+
+    principal: str | None
+    seal: LinkSeal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +158,7 @@ class LinkOptions:
     io_timeout: float = 5.0
     mailbox_batches: int = 64
     frame_timeout: float = 10.0  # a peer silent in the middle of a frame for this long is dropped
+    max_rejected: int = 20  # frames refused at the trust boundary before the peer is dropped
 
 
 class FramedLink(SupervisedActor):
@@ -157,13 +191,21 @@ class FramedLink(SupervisedActor):
         self._ack_timer: threading.Timer | None = None
         self._bad_streak = 0
         self._garbage = 0
+        self._rejected = 0
+        self.gate: str | None = None  # where frames go before Admit (None: the owner)
+        self.principal: str | None = None
+        self.admitted = False
+        self._seal: LinkSeal | None = None
         self.stats = {"frames_in": 0, "frames_out": 0, "nacks_sent": 0, "nacks_received": 0,
-                      "resends": 0, "garbage_bytes": 0, "errors_sent": 0}
+                      "resends": 0, "garbage_bytes": 0, "errors_sent": 0, "rejected": 0}
 
     # --- hooks for subclasses ----------------------------------------------
     def on_link_lost(self, reason: str) -> None:
         """Called once the socket is gone; the default stops the actor."""
         self.actor_ref.stop(block=False)
+
+    def on_admitted(self) -> None:
+        """Called when the link was admitted (an :class:`Admit` arrived)."""
 
     def on_other(self, message: Any) -> Any:
         """Messages the base class does not know."""
@@ -176,7 +218,8 @@ class FramedLink(SupervisedActor):
         self._sock_id += 1
         self._sock = sock
         self.peer = peer
-        self._bad_streak = self._garbage = 0
+        self._bad_streak = self._garbage = self._rejected = 0
+        self.principal, self.admitted, self._seal = None, False, None  # a new socket proves itself again
         sock.setblocking(False)  # the reader must never block on it; writes wait in _write
         me, sock_id = self.actor_ref, self._sock_id
         self._watch = Watch(
@@ -249,6 +292,9 @@ class FramedLink(SupervisedActor):
                     self._retransmit(f"no ACK within {self.options.ack_timeout:g} s")
             case Close(reason):
                 self.detach(reason, polite=True)
+            case Admit(principal, seal):
+                self.principal, self._seal, self.admitted = principal, seal, True
+                self.on_admitted()
             case LinkStats():
                 return dict(self.stats, connected=self.connected, queued=len(self._outbox))
             case _:
@@ -299,7 +345,30 @@ class FramedLink(SupervisedActor):
             correlation = obj.get("correlation_id") if isinstance(obj.get("correlation_id"), str) else None
             self._send(protocol.ErrorMessage(reason=str(exc), correlation_id=correlation))
             return
-        self._tell_owner(FrameIn(self.actor_ref, message))
+        if self._seal is not None:
+            try:
+                message = self._seal.open(message)
+            except SecurityError as exc:
+                self._reject(str(exc))
+                return
+        elif isinstance(message, protocol.Sealed) and self.admitted:
+            self._reject("a sealed frame on a link that was admitted unsealed")
+            return
+        if not self.admitted and self.gate is not None:
+            self.directory.tell(self.gate, FrameIn(self.actor_ref, message))
+            return
+        self._tell_owner(FrameIn(self.actor_ref, message, self.principal))
+
+    def _reject(self, reason: str) -> None:
+        """A frame refused at the trust boundary: answered, reported, counted; never delivered."""
+        self.stats["rejected"] += 1
+        self._rejected += 1
+        log.warning("%s: refused a frame from %s%s: %s", self.component, self.peer,
+                    f" (CP {self.principal})" if self.principal else "", reason)
+        self._tell_owner(FrameRejected(self.actor_ref, self.peer, reason, self.principal))
+        self._send(protocol.ErrorMessage(reason=protocol.clip(f"refused: {reason}")))
+        if self._rejected > self.options.max_rejected:
+            self.detach(f"{self.peer} sent {self._rejected} frames that were refused")
 
     def _on_control(self, code: int) -> None:
         if code == framing.ACK:
@@ -324,6 +393,8 @@ class FramedLink(SupervisedActor):
         if self._sock is None:
             return False
         try:
+            if self._seal is not None:
+                message = self._seal.seal(message)
             frame = framing.encode_frame(protocol.encode(message), self.options.max_data)
         except (protocol.ProtocolError, ValueError) as exc:
             log.error("%s: cannot send %s to %s: %s", self.component, type(message).__name__, self.peer, exc)

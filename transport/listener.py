@@ -60,9 +60,15 @@ class Listener(SupervisedActor):
         handshake_timeout: float = 5.0,
         options: LinkOptions = LinkOptions(),
         component: str = "listener",
+        gate: str | None = None,
+        auth_deadline: float | None = None,
         supervision: Supervision | None = None,
     ) -> None:
+        """``gate`` and ``auth_deadline`` are given to every connection (see
+        :class:`~transport.connection.ServerConnection`)."""
         super().__init__(supervision=supervision)
+        self.gate = gate
+        self.auth_deadline = auth_deadline
         self.host = host
         self.port = port
         self.owner = owner
@@ -140,7 +146,8 @@ class Listener(SupervisedActor):
             _close_socket(sock)
             return
         name = f"{self.component}-conn-{next(_ids)}"
-        kwargs = {"options": self.options, "component": f"{self.component}[{peer}]"}
+        kwargs = {"options": self.options, "component": f"{self.component}[{peer}]", "gate": self.gate,
+                  "auth_deadline": self.auth_deadline}
         try:
             ref = self.spawn(name, ServerConnection, (sock, peer, self.owner, self.directory), kwargs)
         except Exception as exc:  # the supervisor is gone or refused

@@ -191,6 +191,8 @@ Token = Annotated[str, MaxLen(TOKEN_MAX_LEN)]
 Location = Annotated[str, MaxLen(LOCATION_MAX_LEN)]
 Reason = Annotated[str, MaxLen(REASON_MAX_LEN)]
 Word = Annotated[str, MaxLen(WORD_MAX_LEN)]
+B64_MAX_LEN = 128  #: nonces, proofs, signatures and keys (base64url text)
+B64 = Annotated[str, MaxLen(B64_MAX_LEN)]
 
 
 def clip(text: str, limit: int = REASON_MAX_LEN) -> str:
@@ -584,6 +586,10 @@ class Hello:
     TYPE: ClassVar[str] = "hello"
     cp_id: Id
     price_eur_kwh: Price
+    # The CP's current key from Central (base64url), for sealing its Kafka records;
+    # only ever sent on a sealed (paired) link. None: Central gave none (open enrolment).
+    key_id: Token | None = None
+    key: B64 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,6 +667,80 @@ class SupplyState:
     plugged: bool = False
 
 
+# --------------------------------------------------------------------------- trust boundary (issue #11)
+# The rules (who sends what, the HMAC inputs, the AAD) are in docs/protocol.md,
+# "Authentication and sealing"; the crypto is transport/security.py.
+
+AUTH_STATUSES = frozenset({"accepted", "denied"})
+SEALED_MAX_LEN = 1_000_000  #: base64 characters of a sealed message (a Kafka record stays under 1 MB)
+SIGNED_BODY_MAX_LEN = 65_536  #: characters of a signed driver request's body (the JSON of the request)
+SENDERS = frozenset({"monitor", "engine", "central"})
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """Monitor -> Central (and Monitor -> Engine): I am cp_id; challenge me."""
+
+    TYPE: ClassVar[str] = "auth_request"
+    cp_id: Id
+    correlation_id: Token
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChallenge:
+    """Central (or Engine) -> Monitor: prove you hold cp_id's secret for this nonce."""
+
+    TYPE: ClassVar[str] = "auth_challenge"
+    correlation_id: Token
+    nonce: B64
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof:
+    """Monitor -> Central (or Engine): HMAC(verifier, purpose | cp_id | nonce)."""
+
+    TYPE: ClassVar[str] = "auth_proof"
+    correlation_id: Token
+    cp_id: Id
+    proof: B64
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """Central (or Engine) -> Monitor: the verdict; from Central also the CP's key, wrapped."""
+
+    TYPE: ClassVar[str] = "auth_result"
+    correlation_id: Token
+    status: Annotated[str, OneOf(AUTH_STATUSES)]
+    reason: Reason | None = None
+    key_id: Token | None = None
+    wrapped_key: B64 | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """Any message, encrypted and authenticated with AES-256-GCM under the CP's key."""
+
+    TYPE: ClassVar[str] = "sealed"
+    cp_id: Id
+    key_id: Token
+    sender: Annotated[str, OneOf(SENDERS)]
+    ctr: Seq
+    nonce: B64
+    data: Annotated[str, MaxLen(SEALED_MAX_LEN)]
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """Driver -> Central: a driver request (``body``, its JSON) signed with the driver's verifier."""
+
+    TYPE: ClassVar[str] = "signed"
+    driver_id: Id
+    ts: Timestamp
+    body: Annotated[str, MaxLen(SIGNED_BODY_MAX_LEN)]
+    sig: B64
+
+
 Message = (
     AvailableCpsRequest | ChargeRequest | StopChargingRequest | DriverHello | TicketAck
     | AvailableCpsResponse | ChargeResponse | SupplyEvent | ChargingStatusUpdate | Ticket
@@ -672,6 +752,7 @@ Message = (
     | Hello | HealthCheck | HealthStatus
     | ErrorMessage
     | CancelSupply | SessionBilled | BillingQuery | SupplyState
+    | AuthRequest | AuthChallenge | AuthProof | AuthResult | Sealed | Signed
 )
 """Any registered message."""
 
