@@ -100,3 +100,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         bad = [r.scenario for r in fault_matrix.ROWS if r.lost or r.double_billed]
         terminalreporter.write_line("lost and double-billed are 0 everywhere" if not bad
                                     else f"LOST OR DOUBLE-BILLED SUPPLIES in: {', '.join(bad)}")
+    if fault_matrix.ATTACKS:
+        terminalreporter.section("fault matrix: attacks")
+        terminalreporter.write_line(fault_matrix.render_attacks())
+        bad = [r.scenario for r in fault_matrix.ATTACKS if r.forged_bills or r.takeovers or not r.genuine_ok]
+        terminalreporter.write_line("0 forged bills and 0 takeovers everywhere; genuine traffic unaffected"
+                                    if not bad else f"AN ATTACK GOT THROUGH in: {', '.join(bad)}")

@@ -44,6 +44,37 @@ def billing_row(scenario: str, db_path: str, session_ids: list[str], recover_s: 
     return record(scenario, len(session_ids), issued, len(session_ids), lost, double, recover_s)
 
 
+@dataclass(frozen=True)
+class AttackRow:
+    """An attack scenario (issue #11): how many forged inputs were tried, and what got through."""
+
+    scenario: str
+    attempts: int  # forged frames/records/requests sent
+    refused: int  # of those, refused (answered, dead-lettered or dropped) and audited
+    forged_bills: int  # tickets or bill changes that came from forged input (must be 0)
+    takeovers: int  # CPs or drivers an attacker acted as (must be 0)
+    genuine_ok: bool  # the genuine traffic alongside still worked (bills, CP ACTIVE)
+
+
+ATTACKS: list[AttackRow] = []
+
+
+def attack_row(scenario: str, attempts: int, refused: int, forged_bills: int, takeovers: int,
+               genuine_ok: bool = True) -> AttackRow:
+    row = AttackRow(scenario, attempts, refused, forged_bills, takeovers, genuine_ok)
+    ATTACKS.append(row)
+    return row
+
+
+def render_attacks() -> str:
+    head = ("attack", "attempts", "refused", "forged bills", "takeovers", "genuine ok")
+    rows = [(r.scenario, str(r.attempts), str(r.refused), str(r.forged_bills), str(r.takeovers),
+             "yes" if r.genuine_ok else "NO") for r in ATTACKS]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
 def render() -> str:
     head = ("scenario", "started", "tickets", "expected", "lost", "double-billed", "recover s")
     rows = [(r.scenario, str(r.supplies_started), str(r.tickets_issued), str(r.tickets_expected), str(r.lost),
