@@ -22,12 +22,13 @@ import pytest
 from actors.central import CentralConfig
 from actors.engine import EngineOptions
 from actors.monitor import MonitorOptions
-from supervisors import central_system, driver_system, engine_system, launcher, monitor_system, settings
+from supervisors import central_system, driver_system, engine_system, launcher, monitor_system, registry_system, settings
 from supervisors.central_system import CentralSystemConfig
 from supervisors.driver_system import DriverConfig
 from supervisors.engine_system import EngineConfig
 from supervisors.launcher import Network, NetworkSpec
 from supervisors.monitor_system import MonitorConfig
+from supervisors.registry_system import RegistryConfig
 
 
 def _up_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,8 @@ PROGRAMS = [
             frozenset({"name"})),
     Program("EV_Driver", DriverConfig, driver_system.build_parser, driver_system.config_from_args,
             frozenset({"console", "console_stream"})),
+    Program("EV_Registry", RegistryConfig, registry_system.build_parser, registry_system.config_from_args,
+            frozenset()),
     Program("evcharging up", NetworkSpec, _up_parser, _launcher_config,
             frozenset({"extra_central", "extra_engine", "extra_monitor", "extra_driver", "broker_port",
                        "broker_advertised_port", "monitor_central", "monitor_engine", "component_broker",
