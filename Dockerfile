@@ -1,4 +1,4 @@
-# One image for every program of the network (EV_Central, EV_CP_M, EV_CP_E, EV_Driver, evcharging).
+# One image for every program of the network (EV_Central, EV_CP_M, EV_CP_E, EV_Driver, EV_Registry, evcharging).
 FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.lock setup.cfg pyproject.toml README.md ./
@@ -6,7 +6,7 @@ COPY actors actors
 COPY transport transport
 COPY persistence persistence
 COPY supervisors supervisors
-RUN pip install --no-cache-dir -c requirements.lock . && useradd -m ev && mkdir -p /data && chown ev /data
+RUN pip install --no-cache-dir -c requirements.lock . && useradd -m ev && mkdir -p /data /credentials && chown ev /data /credentials
 USER ev
 ENV PYTHONUNBUFFERED=1
 CMD ["EV_Central", "--help"]

@@ -37,14 +37,17 @@ import pykka
 
 from actors.console import ConsoleLine
 from actors.cp_state import CpState, derive_state
+from actors.driver_auth import Denial, DriverAuth, denial_answers
+from actors.gatekeeper import CpRegistered, KeysRevoked, RevokeCp
 from actors.messages import MarkSupplying, ProgressBatch, Ready, SessionBilled, SessionProgress, SupplyFinished
 from actors.panel import CpTile, PanelSnapshot, RequestRow
 from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 from actors.session import SessionActor
 from persistence import Conflict, Repository, SessionRecord
-from transport import protocol
+from transport import protocol, security
 from transport.kafka import DeadLettered, Delivery, Handled, Inbound, Publish, PumpDown, PumpUp, SetAside
-from transport.link import Close, FrameIn, LinkDown, LinkUp, Send
+from transport.link import Close, FrameIn, FrameRejected, LinkDown, LinkUp, Send
+from transport.security import address_of
 
 log = logging.getLogger("evcharging.central")
 
@@ -53,13 +56,24 @@ ACTIVE, DISCONNECTED = CpState.ACTIVE, CpState.DISCONNECTED
 CLOSING_TIMEOUT = 30.0
 """Seconds Central waits for the ticket of a session it closed itself before it may try again."""
 
+REJECTED_AUDIT_EVERY = 1.0
+"""Seconds: frames refused on one link are audited at most this often (one line with their count)."""
+
+OPEN_WARNING = ("WARNING: enrolment is OPEN (--enroll open): CPs are not authenticated and their messages "
+                "are not sealed; anyone who reaches Central's port can act as any CP. Development only.")
+
+CONSOLE_HELP = ("Commands: stop CP_ID | stop all | resume CP_ID | resume all | close SESSION_ID | status | "
+                "revoke CP_ID [REASON] | audit [N] | audit export PATH | enroll-driver DRIVER_ID")
+
 
 @dataclass(frozen=True, slots=True)
 class CentralConfig:
     """Central's policies and timings (all flags of EV_Central)."""
 
     db_path: str
-    enroll: str = "open"  # "open": unknown CPs are enrolled; "closed": denied
+    # "registry": only CPs registered with a credential, after authenticating (issue #11);
+    # "open": development only, no authentication, unknown CPs are enrolled (logged loudly).
+    enroll: str = "registry"
     default_price: float = 0.30
     default_location: str = "unknown"
     life_timeout: float = 2.5  # two missed life messages (1 s apart) and half a period
@@ -71,6 +85,11 @@ class CentralConfig:
     completion_wait: float = 10.0  # the CP ended a supply but no completion came: Central closes it after this
     stop_retry: float = 2.0  # a cancel/stop the CP has not confirmed is repeated this often
     lost_deadline: float = 300.0  # a live session whose CP is gone this long is closed from its last checkpoint
+    auth_timeout: float = 5.0  # a Monitor connection must authenticate within this, or it is closed
+    auth_failures: int = 5  # failed authentications per address within auth_window before it is refused
+    auth_window: float = 60.0
+    key_grace: float = 60.0  # a replaced CP key still opens Kafka records this long
+    signature_max_age: float = 300.0  # a signed driver request older than this is denied (a replay)
 
 
 @dataclass(eq=False)
@@ -162,6 +181,24 @@ class CentralStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrollDriver:
+    """Ask (operator): register ``driver_id`` with a fresh secret; returns the secret (shown once,
+    never logged). Console: ``enroll-driver DRIVER_ID``."""
+
+    driver_id: str
+    who: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportAudit:
+    """Ask (operator): write the audit log as JSON lines to ``path``; returns a sentence.
+    Console: ``audit export PATH``."""
+
+    path: str
+    who: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
 class AdminCommand:
     """Stop or resume one CP (``cp_id``) or all of them (``cp_id=None``)."""
 
@@ -207,6 +244,10 @@ class CentralActor(SupervisedActor):
         self._down_since: float | None = None  # the previous run's last sign of life (own clock)
         self._requests_up: float | None = None  # monotonic: when the requests pump first said PumpUp
         self._alive_at = 0.0
+        self._rejected: dict[str, tuple[float, int]] = {}  # link urn -> (last audit, refusals since)
+        # Driver requests: signed by registered drivers unless enroll is "open" (actors/driver_auth.py)
+        self._driver_auth = DriverAuth(lambda: self.repo, registry=config.enroll != "open",
+                                       max_age=config.signature_max_age)
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
@@ -218,6 +259,11 @@ class CentralActor(SupervisedActor):
         for s in reloaded:
             self._adopt_session(s)
         self._note(f"Central started: {len(self.cps)} CPs loaded, {len(reloaded)} live sessions reloaded")
+        if self.config.enroll == "open":
+            log.warning("%s", OPEN_WARNING)
+            self._note(OPEN_WARNING)
+        else:
+            self._note("Enrolment: registry (CPs authenticate with their credential; their messages are sealed)")
         # One ticker for both duties: life deadlines every life_check_interval
         # (so a silent CP shows DISCONNECTED within ~0.1 s of its timeout) and
         # a panel snapshot every panel_interval when something changed.
@@ -242,8 +288,14 @@ class CentralActor(SupervisedActor):
     # --- dispatch --------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
         match message:
-            case FrameIn(link, msg):
-                self._on_frame(link, msg)
+            case FrameIn(link, msg, principal):
+                self._on_frame(link, msg, principal)
+            case FrameRejected(link, peer, reason, principal):
+                self._on_rejected(link, peer, reason, principal)
+            case KeysRevoked():
+                self._on_keys_revoked(message)
+            case CpRegistered(cp_id):
+                self._on_cp_registered(cp_id)
             case Delivery(items):
                 return Handled(tuple(sa for item in items if (sa := self._on_driver_record(item)) is not None))
             case DeadLettered():
@@ -276,6 +328,10 @@ class CentralActor(SupervisedActor):
                 return self._close_command(sid, who)
             case AdminCommand(action, cp_id):
                 return self._admin(action, cp_id)
+            case EnrollDriver(driver_id, who):
+                return self._enroll_driver(driver_id, who)
+            case ExportAudit(path, who):
+                return self._export_audit(path, who)
             case CentralStatus():
                 return self._status()
             case Ready():
@@ -285,11 +341,18 @@ class CentralActor(SupervisedActor):
         return None
 
     # --- Monitor side ---------------------------------------------------------
-    def _on_frame(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
+    def _on_frame(self, link: pykka.ActorRef[Any], msg: protocol.Message, principal: str | None = None) -> None:
         if isinstance(msg, protocol.RegisterRequest):
-            self._register(link, msg)
+            self._register(link, msg, principal)
             return
         cp = self._cp_of(link)
+        if cp is not None and self._secured and principal != cp.cp_id:
+            # Cannot happen through the gatekeeper (it admits a link for one CP); refused if it does.
+            self._on_rejected(link, "?", f"a {msg.TYPE} on the link of CP {cp.cp_id} authenticated as "
+                                         f"{principal or 'nobody'}", principal)
+            tell(link, Send(protocol.ErrorMessage(reason=f"this connection is not authenticated as CP {cp.cp_id}",
+                                                 correlation_id=protocol.correlation_of(msg))))
+            return
         if cp is None:
             log.warning("Ignored %s from an unregistered connection", msg.TYPE)
             tell(link, Send(protocol.ErrorMessage(reason="register first: send register_request with your cp_id",
@@ -364,15 +427,27 @@ class CentralActor(SupervisedActor):
     def _on_cp_error(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.ErrorMessage) -> None:
         log.warning("CP %s says: %s", cp.cp_id, msg.reason)
 
-    def _register(self, link: pykka.ActorRef[Any], req: protocol.RegisterRequest) -> None:
-        rec = self.repo.get_cp(req.cp_id)
+    @property
+    def _secured(self) -> bool:
+        return self.config.enroll != "open"
+
+    def _register(self, link: pykka.ActorRef[Any], req: protocol.RegisterRequest, principal: str | None = None) -> None:
+        refusal: str | None = None
+        if (self._secured or principal is not None) and principal != req.cp_id:
+            refusal = (f"this connection authenticated as CP {principal}, not {req.cp_id}" if principal
+                       else f"CP {req.cp_id} has not authenticated (auth_request first)")
+        rec = self.repo.get_cp(req.cp_id) if refusal is None else None
+        if refusal is None and rec is None and self._secured:
+            refusal = f"unknown CP {req.cp_id}"
+        if refusal is not None:
+            tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied",
+                                                      reason=refusal)))
+            self.repo.audit("central", req.cp_id, "register_refused", refusal,
+                            params={"cp_id": req.cp_id, "principal": principal})
+            self._note(f"Refused registration of {req.cp_id}: {refusal}")
+            tell(link, Close(f"registration refused: {refusal}"))
+            return
         if rec is None:
-            if self.config.enroll != "open":
-                reason = f"unknown CP {req.cp_id} (enrolment is closed)"
-                tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="denied",
-                                                          reason=reason)))
-                self._note(f"Refused registration of {req.cp_id}: {reason}")
-                return
             rec = self.repo.enroll_cp(req.cp_id, req.location or self.config.default_location,
                                       self.config.default_price)
             self.repo.audit("central", req.cp_id, "enrolled", rec.location)
@@ -399,6 +474,7 @@ class CentralActor(SupervisedActor):
         return self.cps.get(cp_id) if cp_id else None
 
     def _on_link_down(self, link: pykka.ActorRef[Any], reason: str) -> None:
+        self._rejected.pop(link.actor_urn, None)
         cp_id = self._by_link.pop(link.actor_urn, None)
         cp = self.cps.get(cp_id) if cp_id else None
         if cp is None or cp.link is None or cp.link.actor_urn != link.actor_urn:
@@ -822,11 +898,31 @@ class CentralActor(SupervisedActor):
         """Handle one driver_requests record; a record that can never be handled is set aside (dead-lettered)."""
         if item.message is None:  # undecodable (the pump sets these aside itself): item.error says why
             return SetAside(item, f"cannot decode: {item.error}")
-        handler = self.DRIVER_HANDLERS.get(type(item.message))
+        msg = item.message
+        if not isinstance(msg, protocol.Signed) and type(msg) not in self.DRIVER_HANDLERS:
+            return SetAside(item, f"a {msg.TYPE} record does not belong on driver_requests")
+        checked = self._driver_auth.check(msg)  # a signed request's inner one, or why not (audited)
+        if isinstance(checked, Denial):
+            self._deny_driver(checked)
+            return None  # decodable, only not allowed: answered, not set aside
+        handler = self.DRIVER_HANDLERS.get(type(checked))
         if handler is None:
-            return SetAside(item, f"a {item.message.TYPE} record does not belong on driver_requests")
-        handler(self, item.message, item)
+            return SetAside(item, f"a {checked.TYPE} record does not belong on driver_requests")
+        handler(self, checked, item)
         return None
+
+    def _deny_driver(self, denial: Denial) -> None:
+        """Answer a request that is not authenticated with its own response, status denied
+        (actors/driver_auth.py). Nothing else happens: no driver row, no session, no stored
+        answer. A charge request whose (driver, correlation id) was answered before keeps that one
+        answer (e.g. a redelivery after a restart, now older than --signature-max-age): it is sent
+        again, as to any redelivery; the driver's partition already had it."""
+        req = denial.request
+        if isinstance(req, protocol.ChargeRequest) and req.driver_id == denial.driver_id \
+                and self._answer_again(req):
+            return
+        for answer in denial_answers(denial):
+            self._to_driver(denial.driver_id, answer)
 
     def _on_dead_letter(self, d: DeadLettered) -> None:
         """A record went to a dead-letter topic: a fault the operator sees in the panel and the log."""
@@ -943,18 +1039,125 @@ class CentralActor(SupervisedActor):
         words = text.split()
         if not words:
             return
-        if words[0] in ("stop", "resume") and len(words) == 2:
-            self._admin(words[0], None if words[1].lower() == "all" else words[1])
-        elif words[0] == "close" and len(words) == 2:
-            log.info("%s", self._close_command(words[1], "console"))
-        elif words[0] == "status":
+        command, args = words[0].lower(), words[1:]
+        if command in ("stop", "resume") and len(args) == 1:
+            self._admin(command, None if args[0].lower() == "all" else args[0], who="console")
+        elif command == "close" and len(args) == 1:
+            self._operator("close", "console", session_id=args[0])
+            log.info("%s", self._close_command(args[0], "console"))
+        elif command == "status":
             for c in sorted(self.cps.values(), key=lambda c: c.cp_id):
                 log.info("%s %-12s %s %s", c.cp_id, c.state, c.location,
                          f"session {c.session_id}" if c.session_id else "")
+        elif command == "revoke" and args:
+            self._revoke_command(args[0], " ".join(args[1:]), "console")
+        elif command == "audit" and len(args) == 2 and args[0] == "export":
+            self._say(self._export_audit(args[1], "console"))
+        elif command == "audit" and len(args) <= 1 and (not args or args[0].isdigit()):
+            self._show_audit(int(args[0]) if args else 20)
+        elif command == "enroll-driver" and len(args) == 1:
+            self._enroll_driver(args[0], "console")
         else:
-            log.info("Commands: stop CP_ID | stop all | resume CP_ID | resume all | close SESSION_ID | status")
+            self._say(CONSOLE_HELP)
 
-    def _admin(self, action: str, cp_id: str | None) -> str:
+    def _operator(self, command: str, who: str, **params: Any) -> None:
+        """Every operator command is audited with its parameters (never a secret)."""
+        self.repo.audit("central", "operator", "operator_command", command, params={"command": command,
+                                                                                     "via": who, **params})
+
+    def _say(self, text: str) -> None:
+        """An answer to the operator: in the log and among the panel's messages."""
+        self._note(text)
+
+    def _revoke_command(self, cp_id: str, reason: str, who: str) -> str:
+        """``revoke CP_ID [REASON]``: the gatekeeper revokes every key of the CP and closes its link;
+        the CP is out of service until its Monitor authenticates again (automatically)."""
+        self._operator("revoke", who, cp_id=cp_id, reason=reason or None)
+        if cp_id not in self.cps and self.repo.credential("cp", cp_id) is None:
+            self._say(f"Cannot revoke: unknown CP {cp_id}")
+            return f"unknown CP {cp_id}"
+        why = "key revoked by the operator" + (f": {reason}" if reason else "")
+        if not self.directory.tell("gatekeeper", RevokeCp(cp_id, why, "operator")):
+            self._say(f"Cannot revoke the keys of CP {cp_id} now: the gatekeeper is restarting; try again")
+            return "the gatekeeper is not running"
+        return f"revoking the keys of CP {cp_id}"
+
+    def _on_keys_revoked(self, msg: KeysRevoked) -> None:
+        """The gatekeeper revoked a CP's keys (the operator, or a deregistration): close its link."""
+        cp = self.cps.get(msg.cp_id)
+        if cp is not None and cp.link is not None:
+            tell(cp.link, Close(msg.reason))
+        if msg.deregistered:
+            self._say(f"CP {msg.cp_id} was deregistered: its keys are revoked and its link closed")
+        else:
+            self._say(f"CP {msg.cp_id}: {len(msg.key_ids)} key(s) revoked ({msg.reason}); out of service until "
+                      "its Monitor authenticates again")
+
+    def _on_cp_registered(self, cp_id: str) -> None:
+        rec = self.repo.get_cp(cp_id)
+        if rec is None:
+            return
+        cp = self.cps.get(cp_id)
+        if cp is None:
+            self.cps[cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped)
+        elif cp.session_id is None:
+            cp.location, cp.price = rec.location, rec.price_eur_kwh
+        self._say(f"CP {cp_id} was registered ({rec.location}, {rec.price_eur_kwh:.2f} €/kWh)")
+
+    def _on_rejected(self, link: pykka.ActorRef[Any], peer: str, reason: str, principal: str | None) -> None:
+        """A frame refused at the trust boundary: audited, at most once a second per link (with a count)."""
+        urn = link.actor_urn
+        now = time.monotonic()
+        last, count = self._rejected.get(urn, (0.0, 0))
+        count += 1
+        if now - last < REJECTED_AUDIT_EVERY:
+            self._rejected[urn] = (last, count)
+            return
+        self._rejected[urn] = (now, 0)
+        cp_id = principal or self._by_link.get(urn) or "unknown"
+        self.repo.audit("central", cp_id, "frame_rejected", reason, address=address_of(peer) if peer != "?" else None,
+                        params={"reason": reason, "count": count})
+        if count == 1 or now - last > 60:
+            self._note(f"Refused a frame from CP {cp_id}: {protocol.clip(reason, 160)}")
+
+    def _show_audit(self, n: int) -> None:
+        """``audit [N]``: the latest N audit lines, oldest first, readable."""
+        rows = self.repo.recent_audit(max(1, min(n, 1000)))
+        if not rows:
+            self._say("The audit log is empty")
+            return
+        self._say(f"The latest {len(rows)} audit lines (time, component, who, address, event, detail):")
+        for r in reversed(rows):  # in the log, and the newest among the panel's messages
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.at))
+            self._say(f"AUDIT {when} {r.component} {r.subject} {r.address or '-'} {r.event} "
+                      f"{protocol.clip(r.detail, 200)}")
+
+    def _export_audit(self, path: str, who: str) -> str:
+        self._operator("audit export", who, path=path)
+        try:
+            with open(path, "w", encoding="utf-8") as out:
+                n = self.repo.export_audit(out)
+        except OSError as exc:
+            return f"Cannot export the audit log to {path}: {exc.strerror or exc}"
+        return f"Exported {n} audit lines to {path} (JSON lines)"
+
+    def _enroll_driver(self, driver_id: str, who: str) -> str | None:
+        """``enroll-driver DRIVER_ID``: register a driver with a fresh secret, printed once (never logged)."""
+        self._operator("enroll-driver", who, driver_id=driver_id)
+        if not protocol.is_id(driver_id):
+            self._say(f"Cannot enroll {driver_id!r}: not a valid driver id")
+            return None
+        secret = security.new_secret()
+        self.repo.register("driver", driver_id, security.verifier("driver", driver_id, secret), who="operator")
+        if who == "console":
+            print(f"Driver {driver_id} is enrolled. Its secret, shown only this once: {secret}\n"
+                  f"Give it to the driver (EV_DRIVER_SECRET, or a credential file); Central keeps only its hash.",
+                  flush=True)
+        self._say(f"Driver {driver_id} enrolled (its secret was shown once on the console)")
+        return secret
+
+    def _admin(self, action: str, cp_id: str | None, who: str = "api") -> str:
+        self._operator(action, who, cp_id=cp_id or "all")
         targets = list(self.cps.values()) if cp_id is None else [self.cps[cp_id]] if cp_id in self.cps else []
         if not targets:
             log.info("Unknown CP %s", cp_id)

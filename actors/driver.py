@@ -37,7 +37,7 @@ import pykka
 
 from actors import driver_messages as m
 from actors.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
-from transport import protocol
+from transport import protocol, security
 from transport.kafka import Delivery, Inbound, Publish, Published, PublishFailed, PumpDown, PumpUp
 
 log = logging.getLogger("evcharging.driver")
@@ -140,10 +140,14 @@ class DriverActor(SupervisedActor):
         pump: str = "pump",
         services: str = "services",
         output: str = "output",
+        verifier: bytes | None = None,
         supervision: Supervision | None = None,
     ) -> None:
+        """``verifier``: the verifier of this driver's secret (``security.verifier``, computed once per
+        process by the caller); with it every request is signed, without it they go unsigned."""
         super().__init__(supervision=supervision)
         self.driver_id = driver_id
+        self._verifier = verifier
         self.directory = directory
         self.request_timeout = request_timeout
         self.ticket_notice_interval = ticket_notice_interval
@@ -237,6 +241,10 @@ class DriverActor(SupervisedActor):
         return timer
 
     def _publish(self, message: protocol.Message, what: str) -> None:
+        """The one place requests leave: signed here when the driver has a secret (the record's key
+        stays the driver id; its value becomes the ``signed`` envelope, docs/protocol.md)."""
+        if self._verifier is not None:
+            message = security.sign(self._verifier, self.driver_id, message)
         if not self.directory.tell(self._publisher, Publish("driver_requests", self.driver_id, message,
                                                             self.actor_ref, what)):
             log.warning("Could not send %s: the Kafka publisher is restarting", what)
@@ -336,6 +344,8 @@ class DriverActor(SupervisedActor):
     def _dispatch(self, msg: protocol.Message) -> None:
         corr = protocol.correlation_of(msg)
         match msg:
+            case protocol.DriverHelloResponse() | protocol.AvailableCpsResponse() if msg.status != "ok":
+                self._on_refused_answer(corr, msg.status)
             case protocol.DriverHelloResponse():
                 pending = self._settle(corr, "hello")
                 if pending is not None and not (pending.expired and self._hello_answered):
@@ -396,6 +406,13 @@ class DriverActor(SupervisedActor):
         if pending.kind == "charge" and pending.for_service is not None:
             reason = f"{CENTRAL_UNAVAILABLE} (no answer within {self.request_timeout:g} s)"
             self._to_services(m.ServiceFailed(pending.for_service, "unavailable", reason))
+
+    def _on_refused_answer(self, corr: str | None, status: str) -> None:
+        """A hello or list answered with a status that is not "ok" (these answers carry no reason:
+        Central sends an ``error`` with the reason first, which settles the request; this is the
+        fallback for a Central that sends only the answer)."""
+        if corr is not None and corr in self._pending:
+            self._on_error(corr, f"{status} by Central")
 
     def _on_error(self, corr: str | None, reason: str) -> None:
         pending = self._pending.pop(corr, None) if corr else None

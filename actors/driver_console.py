@@ -21,6 +21,9 @@ from transport import protocol
 log = logging.getLogger("evcharging.driver")
 
 CENTRAL_UNAVAILABLE = "Central is unavailable"
+NOT_AUTHENTICATED = "not authenticated"  # how Central's denials of an unsigned or wrongly signed request begin
+AUTH_HINT = ("Central does not accept this driver's requests as {driver}'s: start the app with the driver's "
+             "secret (--secret-file FILE or EV_DRIVER_SECRET) once the driver is registered")
 HELP = (
     "Commands:\n"
     "  list          show the charging points (id, location, price, state), a page at a time\n"
@@ -47,6 +50,7 @@ class DriverConsole(SupervisedActor):
         self.directory = directory
         self.services_total = services_total
         self._driver = driver
+        self._hinted = False
 
     def setup(self) -> None:
         mode = f"{self.services_total} service(s) from a file" if self.services_total is not None else "interactive"
@@ -74,6 +78,7 @@ class DriverConsole(SupervisedActor):
                 log.info("Authorised at %s (session %s) — plug in your vehicle", cp_id, session_id)
             case m.DeniedNews(resp):
                 log.warning("Denied at %s: %s", resp.cp_id, resp.reason or "no reason given")
+                self._auth_hint(resp.reason)
             case m.CpsNews(resp):
                 self._show_cps(resp)
             case m.StopNews(resp):
@@ -82,6 +87,7 @@ class DriverConsole(SupervisedActor):
                              f" (session {resp.session_id})" if resp.session_id else "")
                 else:
                     log.warning("Central could not stop the supply: %s", resp.reason or resp.status)
+                    self._auth_hint(resp.reason)
             case m.UnansweredNews():
                 self._on_unanswered(message)
             case m.RefusedNews(reason, kind):
@@ -89,6 +95,7 @@ class DriverConsole(SupervisedActor):
                     log.warning("Central reported an error: %s", reason)
                 else:
                     log.warning("Central refused the %s request: %s", kind, reason)
+                self._auth_hint(reason)
             case m.LateChargeNews(resp, action):
                 self._on_late(resp, action)
             case m.StaleNews(ev):
@@ -136,6 +143,12 @@ class DriverConsole(SupervisedActor):
             log.info("The app is restarting; type '%s' again in a moment", text)
 
     # --- news ---------------------------------------------------------------------------
+    def _auth_hint(self, reason: str | None) -> None:
+        """After the first "not authenticated" denial: say once what to do about it."""
+        if not self._hinted and reason is not None and reason.startswith(NOT_AUTHENTICATED):
+            self._hinted = True
+            log.warning(AUTH_HINT.format(driver=self.driver_id))
+
     def _on_hello(self, news: m.HelloNews) -> None:
         msg = news.response
         if msg.status != "ok":

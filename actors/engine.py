@@ -9,9 +9,17 @@ What it talks to, all passed in by the wiring code:
 
 * its Monitor, through framed socket actors: it learns the link from
   ``LinkUp``/``FrameIn`` and answers on the link a message came from; when
-  several links are up (a Monitor restarted) the newest is the Monitor;
+  several links are up (a Monitor restarted) the newest is the Monitor.
+  With the CP's credential (issue #11) a link is the Monitor only once it
+  paired (:mod:`actors.engine_pairing`): until then every frame on it is
+  answered ``error`` and never acted on; a paired link is sealed both ways;
 * Kafka, through the ``Publisher`` actor named ``publisher``: telemetry to
-  ``charging_session_data`` and completions to ``charging_session_complete``;
+  ``charging_session_data`` and completions to ``charging_session_complete``,
+  each sealed at publish time with the CP key the Monitor handed over in its
+  ``hello`` (kept in memory only). With a credential and no key yet, records
+  wait (the newest telemetry of a supply, every completion in the journal)
+  until one arrives; without a credential and without a key they go plain
+  (development);
 * its journal (:class:`~persistence.journal.EngineJournal`), so a supply
   survives a crash: every tick is journaled before it is published, a
   completion is journaled before it is sent, and marked published only when
@@ -31,11 +39,13 @@ from typing import Any
 import pykka
 
 from actors.console import ConsoleLine
+from actors.engine_pairing import EngineCredential, EnginePairing
 from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from persistence import EngineJournal, JournalEntry, PersistenceError
 from transport import protocol
 from transport.kafka import Publish, Published, PublishFailed
-from transport.link import FrameIn, LinkDown, LinkUp, Send
+from transport.link import Admit, Close, FrameIn, FrameRejected, LinkDown, LinkUp, Send
+from transport.security import KEY_BYTES, MicroCounter, SecurityError, b64d, seal
 
 log = logging.getLogger("evcharging.engine")
 
@@ -111,11 +121,6 @@ class _SendCompletion:
 
 
 @dataclass(frozen=True, slots=True)
-class _Recover:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
 class _BillingCheck:
     """Time to ask Central about (and maybe republish) completions not yet billed."""
 
@@ -159,6 +164,20 @@ class _Pending:
     completion: protocol.ChargeCompletion
     attempt: int = 0
     timer: threading.Timer | None = None
+    held: bool = False  # waiting for a key to seal it with (a credential, and the Monitor has none yet)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """The CP's current key from Central, as the Monitor handed it over (memory only)."""
+
+    cp_id: str
+    key_id: str
+    key: bytes = field(repr=False)
+
+
+#: Telemetry held while there is no key: the newest reading of at most this many sessions.
+MAX_HELD_SESSIONS = 16
 
 
 class EngineActor(SupervisedActor):
@@ -171,8 +190,11 @@ class EngineActor(SupervisedActor):
         *,
         options: EngineOptions = EngineOptions(),
         publisher: str = "publisher",
+        credential: EngineCredential | None = None,
         supervision: Supervision | None = None,
     ) -> None:
+        """``credential``: the CP's id and verifier; with it the Engine obeys only a paired Monitor
+        and publishes nothing unsealed (without it: development mode, today's behaviour)."""
         super().__init__(supervision=supervision)
         self.journal_path = journal_path
         self.directory = directory
@@ -196,11 +218,21 @@ class EngineActor(SupervisedActor):
         self._delay = backoff_strategy(options.completion_retry_base, options.completion_retry_max)
         self._republished: dict[str, float] = {}  # session id -> when its completion was last (re)sent
         self._billing_ticker: Ticker | None = None
+        # The trust boundary (issue #11): pairing, and the key records are sealed with.
+        self._pairing = EnginePairing(credential.cp_id, credential.verifier) if credential else None
+        self._paired: set[str] = set()  # urns of links that paired (sealed; the Monitor's)
+        self._key: _Key | None = None
+        self._ctr = MicroCounter()
+        self._held_data: dict[str, protocol.ChargingData] = {}  # session id -> newest unsent reading
+        self._sealed_with: dict[str, str] = {}  # session id -> key id its completion last went out with
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
         self._journal = EngineJournal.open(self.journal_path)
-        self.actor_ref.tell(_Recover())
+        # Here, not as a message to ourselves: frames may already wait in the mailbox (a
+        # Monitor that reconnected while we started), and a hello handled before the
+        # recovery would answer "no supply" for the supply we are about to resume.
+        self._recover()
         self._billing_ticker = Ticker(self.options.billing_check, self.actor_ref, _BillingCheck(),
                                       name="engine-billing-check")
 
@@ -227,8 +259,12 @@ class EngineActor(SupervisedActor):
     # --- messages ---------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
         match message:
+            case FrameIn(link, msg, principal) if self._pairing is not None and principal is None:
+                self._on_unpaired(link, msg)
             case FrameIn(link, msg):
                 self._on_frame(link, msg)
+            case FrameRejected(_, peer, reason):
+                log.debug("%s: the link from %s refused a frame: %s", self._me, peer, reason)
             case LinkUp(link, peer):
                 self._on_link_up(link, peer)
             case LinkDown(link, peer, reason):
@@ -265,8 +301,6 @@ class EngineActor(SupervisedActor):
                 pending = self._pending.get(sid)
                 if pending is not None and pending.attempt == attempt:
                     self._publish_completion(sid)
-            case _Recover():
-                self._recover()
             case _BillingCheck():
                 self._billing_check()
             case EngineStatus():
@@ -299,6 +333,9 @@ class EngineActor(SupervisedActor):
         self._links = [other for other in self._links if other.actor_urn != link.actor_urn]
         self._greeted.pop(link.actor_urn, None)
         self._peers.pop(link.actor_urn, None)
+        self._paired.discard(link.actor_urn)
+        if self._pairing is not None:
+            self._pairing.forget(link.actor_urn)
         if not was_monitor:
             log.debug("%s: a connection from %s that is not the Monitor closed (%s)", self._me, peer, reason)
             return
@@ -317,6 +354,33 @@ class EngineActor(SupervisedActor):
     def _send(self, link: pykka.ActorRef[Any] | None, message: protocol.Message) -> bool:
         return tell(link, Send(message))
 
+    def _on_unpaired(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
+        """A frame on a link that has not paired (with a credential): only the pairing is answered."""
+        assert self._pairing is not None
+        peer = self._peers.get(link.actor_urn, "?")
+        verdict = self._pairing.handle(link.actor_urn, peer, msg)
+        if verdict.answer is not None:
+            self._send(link, verdict.answer)  # plain: the result before the link is sealed
+        if verdict.seal is not None:
+            tell(link, Admit("monitor", verdict.seal))
+            self._on_paired(link, peer)
+        if verdict.close is not None:
+            tell(link, Close(verdict.close))
+
+    def _on_paired(self, link: pykka.ActorRef[Any], peer: str) -> None:
+        """``link`` proved the CP's credential: it is the Monitor now, and an older paired link is not."""
+        for other in self._links:
+            if other.actor_urn in self._paired and other.actor_urn != link.actor_urn:
+                log.info("%s: a newly paired Monitor replaces the one from %s", self._me,
+                         self._peers.get(other.actor_urn, "?"))
+                self._greeted.pop(other.actor_urn, None)
+                self._paired.discard(other.actor_urn)
+                tell(other, Close("replaced by a newly paired Monitor"))
+        self._links = [other for other in self._links if other.actor_urn != link.actor_urn] + [link]
+        self._paired.add(link.actor_urn)
+        self._greeted[link.actor_urn] = peer
+        log.info("%s: its Monitor paired from %s (the link is sealed)", self._me, peer)
+
     def _on_frame(self, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
         # Connections start after this actor (rest_for_one) and say LinkUp first, so
         # every link is known here; also after a restart of this actor.
@@ -324,7 +388,8 @@ class EngineActor(SupervisedActor):
             case protocol.HealthCheck(seq):
                 self._send(link, protocol.HealthStatus(seq=seq, ok=not self.ko))
             case protocol.Hello(cp_id, price):
-                self._on_hello(link, cp_id, price)
+                if self._on_hello(link, cp_id, price):
+                    self._take_key(msg)
             case protocol.AuthorizeSupply():
                 self._on_authorize(link, msg)
             case protocol.StopSupply(session_id, reason):
@@ -341,25 +406,31 @@ class EngineActor(SupervisedActor):
                 self._on_session_billed(session_id)
             case protocol.ErrorMessage(reason):
                 log.warning("%s: the Monitor could not accept a message: %s", self._me, reason)
+            case protocol.AuthRequest(_, correlation_id) if self._pairing is None:
+                log.warning("%s: a Monitor asked to pair, but this Engine has no credential (development mode)",
+                            self._me)
+                self._send(link, protocol.AuthResult(
+                    correlation_id=correlation_id, status="denied",
+                    reason="this Engine runs without a credential (development mode): it cannot pair"))
             case _:
                 log.warning("%s: ignoring a %s from the Monitor (not for an Engine)", self._me, msg.TYPE)
                 self._send(link, protocol.ErrorMessage(
                     reason=f"an Engine does not handle {msg.TYPE}", correlation_id=protocol.correlation_of(msg)))
 
     # --- Monitor commands ----------------------------------------------------------
-    def _on_hello(self, link: pykka.ActorRef[Any], cp_id: str, price: float) -> None:
+    def _on_hello(self, link: pykka.ActorRef[Any], cp_id: str, price: float) -> bool:
         # A new Monitor arriving mid-supply is not sent supply_started again:
         # Central would tell the driver "plugged in" a second time.
         expected = self.options.expected_cp_id
         if expected is not None and cp_id != expected:
             log.error("This Engine is %s but a Monitor introduced itself as %s — ignoring it", expected, cp_id)
             self._send(link, protocol.ErrorMessage(reason=f"this Engine is {expected}, not {cp_id}"))
-            return
+            return False
         if self.cp_id is not None and cp_id != self.cp_id:
             if self._supply is not None:
                 log.error("%s: a Monitor says this CP is %s while supply %s is running — ignoring it",
                           self._me, cp_id, self._supply.session_id)
-                return
+                return False
             log.warning("%s: the Monitor now says this CP is %s", self._me, cp_id)
         changed = (cp_id, price) != (self.cp_id, self.price_eur_kwh)
         self.cp_id, self.price_eur_kwh = cp_id, price
@@ -376,6 +447,57 @@ class EngineActor(SupervisedActor):
         s = self._supply
         self._send(link, protocol.SupplyState(cp_id=cp_id, session_id=s.session_id if s else None,
                                               plugged=bool(s and s.plugged)))
+        return True
+
+    def _take_key(self, hello: protocol.Hello) -> None:
+        """The key the Monitor handed over (or its absence): seal with it from now on."""
+        if hello.key_id is None or hello.key is None:
+            if self._key is not None:
+                log.info("%s: the Monitor has no key from Central now — %s until it hands one over", self._me,
+                         "holding records" if self._pairing is not None else "publishing plain records")
+            self._key = None
+            return
+        try:
+            raw = b64d(hello.key, "key")
+            if len(raw) != KEY_BYTES:
+                raise SecurityError(f"a key must be {KEY_BYTES} bytes")
+        except SecurityError as exc:
+            log.error("%s: the Monitor handed over an unusable key %s: %s", self._me, hello.key_id, exc)
+            return
+        old, self._key = self._key, _Key(hello.cp_id, hello.key_id, raw)
+        if old is not None and (old.key_id, old.key) == (hello.key_id, raw):
+            return
+        log.info("%s: sealing its Kafka records with key %s from now on", self._me, hello.key_id)
+        self._release()
+
+    def _release(self) -> None:
+        """A new key: send what waited for one, and again the completions an older key sealed."""
+        held, self._held_data = self._held_data, {}
+        for data in held.values():
+            self._publish_data(data)
+        for sid, pending in list(self._pending.items()):
+            if pending.held:
+                self._publish_completion(sid)
+        assert self._journal is not None and self._key is not None
+        now = time.time()
+        for entry in self._journal.unbilled():
+            sid = entry.session_id
+            old = self._sealed_with.get(sid)
+            if sid not in self._pending and old is not None and old != self._key.key_id:
+                log.info("%s: sending the completion of %s again, sealed with the new key (it went out with %s)",
+                         self._me, sid, old)
+                self._republished[sid] = now
+                self._queue_completion(entry)
+
+    def _outgoing(self, message: protocol.ChargingData | protocol.ChargeCompletion) -> protocol.Message | None:
+        """``message`` as it goes to Kafka: sealed with the current key; plain without a key and
+        without a credential (development); None when it must wait for a key."""
+        key = self._key
+        if key is not None:
+            return seal(key.key, message.cp_id, key.key_id, "engine", self._ctr.next(), message)
+        if self._pairing is not None:
+            return None
+        return message
 
     def _refusal(self, msg: protocol.AuthorizeSupply) -> str | None:
         """Why this CP cannot accept the supply now, as a sentence; None if it can."""
@@ -467,6 +589,7 @@ class EngineActor(SupervisedActor):
     def _on_session_billed(self, session_id: str) -> None:
         assert self._journal is not None
         self._republished.pop(session_id, None)
+        self._sealed_with.pop(session_id, None)
         try:
             if self._journal.mark_billed(session_id):
                 log.info("%s: Central issued the ticket of supply %s", self._me, session_id)
@@ -550,10 +673,20 @@ class EngineActor(SupervisedActor):
             cp_id=supply.cp_id, session_id=supply.session_id, driver_id=supply.driver_id, seq=supply.seq,
             energy_kwh=supply.energy_kwh, cost_eur=supply.cost_eur, power_kw=self.options.power_kw, timestamp=now,
         )
-        if not self.directory.tell(self.publisher, Publish(DATA_TOPIC, supply.cp_id, data)):
-            log.debug("%s: no publisher running; telemetry %d of %s not sent", self._me, supply.seq, supply.session_id)
+        self._publish_data(data)
         log.info("%s: supplying %s — %.3f kWh, %.2f € (%g kW)", self._me, supply.session_id,
                  supply.energy_kwh, supply.cost_eur, self.options.power_kw)
+
+    def _publish_data(self, data: protocol.ChargingData) -> None:
+        out = self._outgoing(data)
+        if out is None:  # no key yet: keep the newest reading only (the next one supersedes it)
+            self._held_data.pop(data.session_id, None)
+            if len(self._held_data) >= MAX_HELD_SESSIONS:
+                self._held_data.pop(next(iter(self._held_data)))
+            self._held_data[data.session_id] = data
+            return
+        if not self.directory.tell(self.publisher, Publish(DATA_TOPIC, data.cp_id, out)):
+            log.debug("%s: no publisher running; telemetry %d of %s not sent", self._me, data.seq, data.session_id)
 
     def _end(self, end_reason: str) -> None:
         """Finish the live supply: journal, completion to Kafka, supply_ended to the Monitor."""
@@ -587,9 +720,20 @@ class EngineActor(SupervisedActor):
         pending = self._pending[session_id]
         if pending.timer is not None:
             pending.timer.cancel()
+            pending.timer = None
+        out = self._outgoing(pending.completion)
+        if out is None:  # journaled; sent when the Monitor hands over a key (_release)
+            if not pending.held:
+                log.info("%s: the completion of %s waits for the CP's key (the Monitor has not authenticated "
+                         "to Central yet)", self._me, session_id)
+            pending.held = True
+            return
+        pending.held = False
         pending.attempt += 1
+        if isinstance(out, protocol.Sealed):
+            self._sealed_with[session_id] = out.key_id
         me = self.actor_ref
-        publish = Publish(COMPLETE_TOPIC, pending.completion.cp_id, pending.completion, notify=me, token=session_id)
+        publish = Publish(COMPLETE_TOPIC, pending.completion.cp_id, out, notify=me, token=session_id)
         if self.directory.tell(self.publisher, publish):
             # The Publisher keeps records through a Kafka outage; this timer
             # only covers a Publisher restart that lost what it held.
@@ -761,6 +905,10 @@ class EngineActor(SupervisedActor):
             "monitor_connected": self._monitor is not None,
             "price_eur_kwh": self.price_eur_kwh,
             "pending_completions": len(self._pending),
+            "held_completions": sum(1 for p in self._pending.values() if p.held),
+            "held_data": len(self._held_data),
+            "paired": len(self._paired),
+            "key_id": self._key.key_id if self._key else None,
         }
 
     def _status_sentence(self) -> str:

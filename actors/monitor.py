@@ -14,6 +14,19 @@ KO after ``health_timeout`` without an answer, on ``ok=false``, or at once
 when the Engine's socket closes (a dead Engine need not wait for a timeout);
 report KO and recovery to Central once each; send the life message while registered;
 relay commands both ways, answering for the Engine when it cannot.
+
+Authentication (issue #11, docs/protocol.md "Authentication and sealing"):
+with a CP credential, the verifier is computed once at start; on every
+connect to Central the Monitor answers Central's challenge, unwraps the key
+Central issues (which also proves it is the real Central), tells the link to
+seal every frame with it (:class:`~transport.link.Admit`), and only then
+registers. A refusal is logged as a sentence and tried again with a growing
+delay (never faster than Central's rate limit). The Engine link is paired the
+same way (purpose "engine", the key derived from the nonce), and the Engine
+gets Central's key in ``hello`` after every authentication. Without a
+credential the Monitor works as before (a Central with ``--enroll open``).
+The console command ``re-authenticate`` (or :class:`ReAuthenticate`) drops the
+link to Central: the Monitor reconnects, authenticates and gets a new key.
 """
 
 from __future__ import annotations
@@ -26,16 +39,23 @@ from typing import Any
 
 import pykka
 
+from actors.console import ConsoleLine
 from actors.cp_state import CpState, derive_state
+from actors.gatekeeper import retry_after_of
 from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
-from transport import protocol
-from transport.link import FrameIn, LinkDown, LinkUp, Send
+from transport import protocol, security
+from transport.link import Admit, Close, FrameIn, FrameRejected, LinkDown, LinkUp, Send
+from transport.security import Credential, LinkSeal, SecurityError
 
 log = logging.getLogger("evcharging.monitor")
 
-__all__ = ["MonitorActor", "MonitorOptions", "MonitorStatus"]
+__all__ = ["MonitorActor", "MonitorOptions", "MonitorStatus", "ReAuthenticate"]
 
 ENGINE, CENTRAL = "engine", "central"
+AUTH_RETRY_MAX = 120.0
+"""Longest wait (s) before authenticating again after refusals (they double from --register-retry)."""
+
+MONITOR_HELP = "Commands: re-authenticate (a new login and key with Central) | status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +78,29 @@ class MonitorStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ReAuthenticate:
+    """Ask (the Monitor's menu option): drop the link to Central; the Monitor reconnects,
+    authenticates again and gets a new key (and gives it to its Engine). Returns a sentence."""
+
+
+@dataclass(frozen=True, slots=True)
 class _HealthTick:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Authenticate:
+    """Time to authenticate on this Central link (after a refusal's delay)."""
+
+    link_urn: str
+
+
+@dataclass(frozen=True, slots=True)
+class _AuthTimeout:
+    """Central (or the Engine) did not finish the authentication ``correlation_id`` in time."""
+
+    side: str
+    correlation_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +138,14 @@ class MonitorActor(SupervisedActor):
         options: MonitorOptions = MonitorOptions(),
         engine_link: str = "engine-link",
         central_link: str = "central-link",
+        credential: Credential | None = None,
         supervision: Supervision | None = None,
     ) -> None:
+        """``credential``: this CP's secret (None: no authentication, for an ``--enroll open`` Central)."""
         super().__init__(supervision=supervision)
+        if credential is not None and credential.ident != cp_id:
+            raise ValueError(f"the credential is for {credential.ident}, not {cp_id}")
+        self.credential = credential
         self.cp_id = cp_id
         self.directory = directory
         self.options = options
@@ -126,9 +172,24 @@ class MonitorActor(SupervisedActor):
         self._timers: list[threading.Timer] = []
         self._tickers: list[Ticker] = []
         self._state = CpState.DISCONNECTED
+        # Authentication (with a credential): per side, the challenge in flight and whether the link is admitted
+        self._verifier: bytes | None = None
+        self._auth: dict[str, tuple[str, str | None] | None] = {ENGINE: None, CENTRAL: None}  # (corr, nonce)
+        self._ready: dict[str, bool] = {ENGINE: False, CENTRAL: False}  # authenticated (or no credential)
+        self._engine_sealed = False
+        self._key: tuple[str, bytes] | None = None  # Central's current key for this CP (id, 32 bytes)
+        self._auth_delay = 0.0  # grows after each refusal, back to 0 after a login
+        self._auth_not_before = 0.0  # monotonic
+        self._logins = 0
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:
+        if self.credential is not None:
+            self._verifier = self.credential.verifier()  # Argon2id, ~60 ms: once per start, not per connect
+        else:
+            log.warning("%s: no credential (--credential-file or EV_CP_SECRET): this Monitor does not authenticate "
+                        "and its messages are not sealed; only a Central started with --enroll open accepts it",
+                        self.cp_id)
         me = self.actor_ref
         self._tickers = [
             # Ticks four times per check so a silent Engine is called KO within
@@ -152,10 +213,24 @@ class MonitorActor(SupervisedActor):
         match message:
             case FrameIn(link, msg):
                 side = self._side_of(link)
-                if side == ENGINE:
+                if side is not None and not self._ready[side]:
+                    self._authenticating(side, link, msg)
+                elif side == ENGINE:
                     self._from_engine(link, msg)
                 elif side == CENTRAL:
                     self._from_central(link, msg)
+            case FrameRejected(_link, peer, reason, _principal):
+                log.warning("%s: refused a frame from %s: %s", self.cp_id, peer, reason)
+            case _Authenticate(urn):
+                central = self._links[CENTRAL]
+                if central is not None and central.actor_urn == urn and not self._ready[CENTRAL]:
+                    self._login(central)
+            case _AuthTimeout(side, corr):
+                self._on_auth_timeout(side, corr)
+            case ReAuthenticate():
+                return self._reauthenticate("asked at the Monitor")
+            case ConsoleLine(text):
+                self._on_console(text)
             case LinkUp(link, peer, name):
                 self._on_link_up(link, peer, name)
             case LinkDown(link, peer, reason):
@@ -206,26 +281,178 @@ class MonitorActor(SupervisedActor):
         self._attach(side, link, peer)
 
     def _attach(self, side: str, link: pykka.ActorRef[Any], peer: str) -> None:
-        """A link is up: greet the Engine or register with Central."""
+        """A link is up: authenticate on it (with a credential), then greet the Engine or register with Central."""
         self._links[side] = link
+        self._ready[side] = False
+        self._auth[side] = None
         if side == ENGINE:
-            log.info("%s: connected to its Engine (%s)", self.cp_id, peer)
-            self._send(ENGINE, protocol.Hello(cp_id=self.cp_id, price_eur_kwh=self.price_eur_kwh))
-            if self.stopped:  # a restarted Engine forgot Central's order
-                self._send(ENGINE, protocol.StopCp(reason=self.stop_reason or "stopped by Central"))
-            self._last_answer = time.monotonic()  # a fresh link gets a full timeout
-            self._last_check = 0.0
-            self._health_tick()  # know the Engine's health now, not in a second
+            self._engine_sealed = False
+            self._last_answer = time.monotonic()  # a fresh link gets a full timeout (pairing included)
+            if self._verifier is None:
+                log.info("%s: connected to its Engine (%s)", self.cp_id, peer)
+                self._engine_ready()
+            else:
+                log.info("%s: connected to its Engine (%s) — pairing", self.cp_id, peer)
+                self._start_auth(ENGINE, link)
         else:
-            log.info("%s: connected to Central (%s) — registering", self.cp_id, peer)
             self.registered = False
+            wait = self._auth_not_before - time.monotonic()
+            if wait > 0:
+                log.info("%s: connected to Central (%s) — trying again in %.0f s (Central refused the last "
+                         "attempt)", self.cp_id, peer, wait)
+                self._later(wait, _Authenticate(link.actor_urn))
+            else:
+                self._login(link, peer)
+
+    def _login(self, link: pykka.ActorRef[Any], peer: str | None = None) -> None:
+        """Authenticate on a fresh Central link (or, without a credential, just register)."""
+        what = "registering" if self._verifier is None else "authenticating"
+        if peer is None:
+            log.info("%s: the wait is over — %s with Central", self.cp_id, what)
+        else:
+            log.info("%s: connected to Central (%s) — %s", self.cp_id, peer, what)
+        if self._verifier is None:
+            self._ready[CENTRAL] = True
             self._register(link)
+        else:
+            self._start_auth(CENTRAL, link)
+
+    def _engine_ready(self) -> None:
+        """The Engine link may carry the session (paired, or an Engine without credential): greet it."""
+        self._ready[ENGINE] = True
+        self._hello()
+        if self.stopped:  # a restarted Engine forgot Central's order
+            self._send(ENGINE, protocol.StopCp(reason=self.stop_reason or "stopped by Central"))
+        self._last_answer = time.monotonic()
+        self._last_check = 0.0
+        self._health_tick()  # know the Engine's health now, not in a second
+
+    def _hello(self) -> None:
+        """hello to the Engine; on a paired (sealed) link with Central's current key for its records."""
+        key_id, key = (self._key[0], security.b64e(self._key[1])) if self._key and self._engine_sealed else (None, None)
+        self._send(ENGINE, protocol.Hello(cp_id=self.cp_id, price_eur_kwh=self.price_eur_kwh, key_id=key_id, key=key))
+
+    # --- authentication -------------------------------------------------------------------
+    def _start_auth(self, side: str, link: pykka.ActorRef[Any]) -> None:
+        corr = protocol.new_id()
+        self._auth[side] = (corr, None)
+        tell(link, Send(protocol.AuthRequest(cp_id=self.cp_id, correlation_id=corr)))
+        self._later(self.options.register_timeout, _AuthTimeout(side, corr))
+
+    def _authenticating(self, side: str, link: pykka.ActorRef[Any], msg: protocol.Message) -> None:
+        """A frame on a link that has not authenticated yet: only the challenge and the verdict count."""
+        pending = self._auth[side]
+        who = "Central" if side == CENTRAL else "the Engine"
+        match msg:
+            case protocol.AuthChallenge(corr, nonce) if pending is not None and pending[0] == corr \
+                    and pending[1] is None and self._verifier is not None:
+                self._auth[side] = (corr, nonce)
+                purpose = security.PURPOSE_CENTRAL if side == CENTRAL else security.PURPOSE_ENGINE
+                tell(link, Send(protocol.AuthProof(correlation_id=corr, cp_id=self.cp_id,
+                                                   proof=security.proof(self._verifier, purpose, self.cp_id, nonce))))
+            case protocol.AuthResult(corr, status) if pending is not None and pending[0] == corr \
+                    and pending[1] is not None:
+                self._auth[side] = None
+                if status == "accepted":
+                    self._accepted(side, link, msg, pending[1])
+                else:
+                    self._refused(side, link, msg.reason or "no reason given")
+            case protocol.RegisterResponse(status="denied", reason=reason) if side == CENTRAL:
+                self._refused(side, link, reason or "no reason given")
+            case protocol.ErrorMessage(reason=reason) if side == CENTRAL:
+                log.warning("%s: Central did not accept our authentication: %s", self.cp_id, reason)
+            case _ if side == ENGINE and not isinstance(msg, protocol.AuthChallenge) \
+                    and (pending is None or pending[1] is None):
+                # The Engine answered without challenging us (a refusal or any plain frame): it has
+                # no credential (development). The link stays unsealed; Central's key stays here.
+                log.warning("%s: the Engine answered without asking for proof (it has no credential): the link to "
+                            "it is not sealed and Central's key is not handed over", self.cp_id)
+                self._auth[side] = None
+                self._engine_ready()
+                if not isinstance(msg, protocol.ErrorMessage | protocol.AuthResult):
+                    self._from_engine(link, msg)
+            case _:
+                log.warning("%s: ignored a %s from %s before it proved itself", self.cp_id, msg.TYPE, who)
+
+    def _accepted(self, side: str, link: pykka.ActorRef[Any], msg: protocol.AuthResult, nonce: str) -> None:
+        assert self._verifier is not None
+        if side == ENGINE:
+            key = security.link_key(self._verifier, security.PURPOSE_ENGINE, self.cp_id, nonce)
+            tell(link, Admit("engine", LinkSeal(self.cp_id, "link", key, me="monitor", peer="engine")))
+            self._engine_sealed = True
+            log.info("%s: paired with its Engine (the link is sealed)", self.cp_id)
+            self._engine_ready()
+            return
+        try:
+            if not msg.key_id or not msg.wrapped_key:
+                raise SecurityError("Central accepted us but sent no key")
+            key = security.unwrap_key(self._verifier, self.cp_id, nonce, msg.key_id, msg.wrapped_key)
+        except SecurityError as exc:
+            log.error("%s: %s — closing the link and trying again", self.cp_id, exc)
+            self._back_off(None)
+            tell(link, Close(str(exc)))
+            return
+        self._key = (msg.key_id, key)
+        tell(link, Admit("central", LinkSeal(self.cp_id, msg.key_id, key, me="monitor", peer="central")))
+        self._ready[CENTRAL] = True
+        self._auth_delay, self._auth_not_before = 0.0, 0.0
+        self._logins += 1
+        log.info("%s: authenticated with Central (key %s) — registering", self.cp_id, msg.key_id)
+        self._register(link)  # sealed by the link from now on
+
+    def _refused(self, side: str, link: pykka.ActorRef[Any], reason: str) -> None:
+        if side == ENGINE:
+            log.error("%s: the Engine refused to pair with this Monitor: %s — trying again", self.cp_id, reason)
+            tell(link, Close(f"the Engine refused to pair: {reason}"))
+            return
+        delay = self._back_off(retry_after_of(reason))
+        log.error("%s: Central refused our authentication: %s — trying again in %.0f s", self.cp_id, reason, delay)
+        # Central closes the connection; the next one authenticates after the delay.
+
+    def _back_off(self, at_least: float | None) -> float:
+        base = self.options.register_retry
+        self._auth_delay = min(AUTH_RETRY_MAX, base if self._auth_delay == 0 else self._auth_delay * 2)
+        delay = max(self._auth_delay, at_least or 0.0)
+        self._auth_not_before = time.monotonic() + delay
+        return delay
+
+    def _on_auth_timeout(self, side: str, corr: str) -> None:
+        pending = self._auth[side]
+        link = self._links[side]
+        if pending is None or pending[0] != corr or link is None:
+            return
+        who = "Central" if side == CENTRAL else "the Engine"
+        log.warning("%s: %s did not finish the authentication within %g s — reconnecting", self.cp_id, who,
+                    self.options.register_timeout)
+        self._auth[side] = None
+        tell(link, Close(f"{who} did not finish the authentication"))
+
+    def _reauthenticate(self, why: str) -> str:
+        central = self._links[CENTRAL]
+        self._auth_delay, self._auth_not_before = 0.0, 0.0
+        if central is None:
+            return "not connected to Central; the Monitor authenticates when it reconnects"
+        log.info("%s: re-authenticating with Central (%s)", self.cp_id, why)
+        tell(central, Close(f"re-authenticating ({why})"))
+        return ("reconnecting to Central to authenticate again (a new key)" if self._verifier is not None
+                else "reconnecting to Central (this Monitor has no credential: it only registers again)")
+
+    def _on_console(self, text: str) -> None:
+        command = text.strip().lower()
+        if command in ("re-authenticate", "reauthenticate", "reauth", "r"):
+            log.info("%s: %s", self.cp_id, self._reauthenticate("asked at the console"))
+        elif command == "status":
+            log.info("%s: %s", self.cp_id, ", ".join(f"{k}={v}" for k, v in self._status().items()))
+        else:
+            log.info("%s", MONITOR_HELP)
 
     def _on_link_down(self, link: pykka.ActorRef[Any], peer: str, reason: str) -> None:
         side = self._side_of(link)
         if side is None:  # _side_of matched it against our current links
             return  # an old link's late goodbye
         self._links[side] = None
+        self._ready[side] = False
+        self._auth[side] = None
         if side == ENGINE:
             log.warning("%s: lost its Engine (%s)", self.cp_id, reason)
             if self.supplying is not None:
@@ -245,6 +472,8 @@ class MonitorActor(SupervisedActor):
                         "the CP accepts no new supply until it is back" if was else "not registered")
 
     def _send(self, side: str, message: protocol.Message) -> bool:
+        if not self._ready[side]:  # not authenticated yet: nothing but the authentication on it
+            return False
         return tell(self._links[side], Send(message))
 
     # --- registration ---------------------------------------------------------------
@@ -260,11 +489,16 @@ class MonitorActor(SupervisedActor):
             return
         self._register_id = None
         if msg.status != "accepted":
-            retry = self.options.register_retry
-            log.error("Central refused to register %s: %s — trying again in %g s",
-                      self.cp_id, msg.reason or "no reason given", retry)
+            # Without a credential a refusal may come with a closed link (a Central that requires
+            # credentials): the next connection waits too, longer after each refusal.
+            retry = self._back_off(None) if self._verifier is None else self.options.register_retry
+            log.error("Central refused to register %s: %s — trying again in %g s%s", self.cp_id,
+                      msg.reason or "no reason given", round(retry, 1),
+                      " (this Monitor has no credential: give it --credential-file or EV_CP_SECRET)"
+                      if self._verifier is None and msg.reason and "auth" in msg.reason else "")
             self._later(retry, _Register(link.actor_urn))
             return
+        self._auth_delay, self._auth_not_before = 0.0, 0.0
         self.registered = True
         self._registrations += 1
         if self.stopped:
@@ -278,7 +512,7 @@ class MonitorActor(SupervisedActor):
         if msg.location:
             self.location = msg.location
         log.info("Central accepted %s (%s, %.2f €/kWh)", self.cp_id, self.location or "no location", self.price_eur_kwh)
-        self._send(ENGINE, protocol.Hello(cp_id=self.cp_id, price_eur_kwh=self.price_eur_kwh))
+        self._hello()  # the price, and after each authentication Central's new key
         if self.engine_ok is False:
             self._report_fault(self._ko_reason())
         self._update_state()
@@ -287,7 +521,7 @@ class MonitorActor(SupervisedActor):
     # --- engine health ------------------------------------------------------------------
     def _health_tick(self) -> None:
         now = time.monotonic()
-        if self._links[ENGINE] is not None and now - self._last_check >= self.options.health_interval * 0.99:
+        if self._ready[ENGINE] and now - self._last_check >= self.options.health_interval * 0.99:
             self._last_check = now
             self._health_seq += 1
             self._send(ENGINE, protocol.HealthCheck(seq=self._health_seq))
@@ -422,6 +656,8 @@ class MonitorActor(SupervisedActor):
     def _engine_refusal(self) -> str | None:
         if self._links[ENGINE] is None:
             return f"the Engine of {self.cp_id} is not connected"
+        if not self._ready[ENGINE]:
+            return f"the Engine of {self.cp_id} has not paired with its Monitor yet"
         if not self.engine_ok:
             return f"{self.cp_id} is out of order (its Engine is KO)"
         return None
@@ -460,4 +696,9 @@ class MonitorActor(SupervisedActor):
             "stopped": self.stopped,
             "supplying_session_id": self.supplying,
             "session_id": self.session or self.supplying,
+            "authenticated": self._verifier is not None and self._ready[CENTRAL],
+            "key_id": self._key[0] if self._key else None,
+            "logins": self._logins,
+            "engine_paired": self._ready[ENGINE],
+            "engine_sealed": self._engine_sealed,
         }

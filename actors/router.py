@@ -15,10 +15,21 @@ could not be decoded, or of the wrong type for its topic) is answered as
 ``SetAside``: the pump writes it to ``<topic>.dead`` and Central, told
 ``DeadLettered``, shows it as a fault. Central not running yet is
 ``TargetUnavailable`` (waited for, never dead-lettered).
+
+The trust boundary (issue #11): a record that is a ``sealed`` envelope is
+opened with Central's :class:`~transport.security.Keyring` (the key it issued
+to that CP, current or replaced within the grace, never revoked; the counter
+above the highest opened for that key and topic; the record's Kafka key the
+envelope's CP) and its inner message is routed exactly as a plain one. One
+that does not open, and with ``require_sealed`` any plain telemetry or
+completion, is set aside as ``refused: <reason>``: it goes to the dead letters
+(Central shows and audits it) and never reaches a session, the ledger or
+Central's figures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -39,6 +50,7 @@ from actors.session import ticket_message
 from persistence import TicketRecord
 from transport import protocol
 from transport.kafka import DeadLettered, Delivery, Handled, Inbound, Publish, SetAside, TargetUnavailable
+from transport.security import Keyring, SecurityError
 
 log = logging.getLogger("evcharging.central.router")
 
@@ -46,13 +58,20 @@ log = logging.getLogger("evcharging.central.router")
 class SessionRouter(SupervisedActor):
     """See the module docstring."""
 
-    def __init__(self, directory: Directory, *, ask_timeout: float = 30.0,
-                 supervision: Supervision | None = None) -> None:
+    def __init__(self, directory: Directory, *, ask_timeout: float = 30.0, keyring: Keyring | None = None,
+                 require_sealed: bool = False, supervision: Supervision | None = None) -> None:
+        """``keyring``: Central's CP keys, to open sealed records (None: a sealed record is refused);
+        ``require_sealed``: refuse plain telemetry and completions (security on)."""
         super().__init__(supervision=supervision)
         self.directory = directory
         self.ask_timeout = ask_timeout
+        self.keyring = keyring
+        self.require_sealed = require_sealed
         self._central_ready = False
-        self.stats = {"data": 0, "completions": 0, "orphans": 0, "unrouted_data": 0, "bad": 0, "rejected": 0}
+        # rejected: records set aside as not billable (a rejected completion, or refused at the trust
+        # boundary); refused: those refused at the trust boundary (unsealed, wrong or revoked key, replayed)
+        self.stats = {"data": 0, "completions": 0, "orphans": 0, "unrouted_data": 0, "bad": 0, "rejected": 0,
+                      "refused": 0, "opened": 0}
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -75,12 +94,16 @@ class SessionRouter(SupervisedActor):
         waiting: list[tuple[Inbound, protocol.ChargeCompletion, pykka.Future[Any]]] = []
         telemetry: dict[str, list[protocol.ChargingData]] = {}
         set_aside: list[SetAside] = []
-        for item in items:
-            msg = item.message
-            if msg is None:  # undecodable (the pump sets these aside itself): item.error says why
+        for raw_item in items:
+            if raw_item.message is None:  # undecodable (the pump sets these aside itself): item.error says why
                 self.stats["bad"] += 1
-                set_aside.append(SetAside(item, f"cannot decode: {item.error}"))
+                set_aside.append(SetAside(raw_item, f"cannot decode: {raw_item.error}"))
                 continue
+            item = self._unseal(raw_item, set_aside)
+            if item is None:
+                continue
+            msg = item.message
+            assert msg is not None
             if isinstance(msg, protocol.ChargingData) and item.topic == "charging_session_data":
                 self.stats["data"] += 1
                 telemetry.setdefault(msg.session_id, []).append(msg)
@@ -114,6 +137,37 @@ class SessionRouter(SupervisedActor):
             if isinstance(answer, BillRejected):
                 self._reject(item, answer, set_aside)
         return Handled(tuple(set_aside))
+
+    def _unseal(self, item: Inbound, set_aside: list[SetAside]) -> Inbound | None:
+        """``item`` with its sealed message opened (or as it is, when plain and allowed); None when
+        it was refused (then set aside as ``refused: <reason>``)."""
+        reason = self._why_not(item)
+        if isinstance(reason, Inbound):
+            return reason
+        self.stats["refused"] += 1
+        self.stats["rejected"] += 1
+        log.warning("refused a record on %s (key %s, partition %d, offset %d): %s", item.topic, item.key,
+                    item.partition, item.offset, reason)
+        set_aside.append(SetAside(item, f"refused: {reason}"))
+        return None
+
+    def _why_not(self, item: Inbound) -> Inbound | str:
+        """The item to route (opened when sealed), or why it is refused."""
+        env = item.message
+        if not isinstance(env, protocol.Sealed):
+            if self.require_sealed and isinstance(env, protocol.ChargingData | protocol.ChargeCompletion):
+                return "not sealed (this Central requires sealed CP records)"
+            return item
+        if item.key != env.cp_id:
+            return f"a record keyed {item.key!r} is sealed for CP {env.cp_id}"
+        if self.keyring is None:
+            return f"a sealed record of CP {env.cp_id}, and this Central has no CP keys (--enroll open)"
+        try:
+            inner = self.keyring.open(env, topic=item.topic, partition=item.partition, offset=item.offset)
+        except SecurityError as exc:
+            return str(exc)
+        self.stats["opened"] += 1
+        return dataclasses.replace(item, message=inner)
 
     def _telemetry(self, records: list[protocol.ChargingData] | None) -> None:
         if records and not self.directory.tell(f"session:{records[0].session_id}",

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_logging(Path(args.log_file) if args.log_file else None)
     central_system.PanelActor = make_probe(args.t0)  # the one instrumented actor
-    config = CentralSystemConfig(port=0, broker=args.broker, db_path=args.db, host=LOOPBACK,
+    config = CentralSystemConfig(enroll="open", port=0, broker=args.broker, db_path=args.db, host=LOOPBACK,
                                  topic_prefix=args.topic_prefix, panel="off", console=False, group_id=args.group_id,
                                  **({} if args.life_timeout is None else {"life_timeout": args.life_timeout}))
     system = start_central(config)

@@ -130,7 +130,7 @@ def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], re
     from supervisors.central_system import CentralSystemConfig, start_central
     from transport.kafka import GetPublisherStats
 
-    config = CentralSystemConfig(port=0, host=LOOPBACK, broker=settings.bootstrap, db_path=str(db),
+    config = CentralSystemConfig(enroll="open", port=0, host=LOOPBACK, broker=settings.bootstrap, db_path=str(db),
                                  topic_prefix=settings.topic_prefix, panel="off", console=False,
                                  group_id="bench-central")
     system = start_central(config)

@@ -7,6 +7,8 @@ Supervision tree::
     ├─ publisher         Publisher: driver_responses
     ├─ panel             PanelActor: renders snapshots
     ├─ console           ConsoleReader: typed commands → central (by name)
+    ├─ gatekeeper        GatekeeperActor: CP authentication, CP keys, revocation (the gate of every
+    │                    Monitor connection until it is admitted)
     ├─ core (rest_for_one)     each child depends on those before it
     │  ├─ sessions          Supervisor (one_for_one) of SessionActor "session:<id>" (transient)
     │  ├─ central           CentralActor: registry, states, authorisation, admin
@@ -24,6 +26,16 @@ re-learns its CPs from them); the pumps re-read what was not committed and
 the router waits until the new Central has reloaded its sessions. When the
 sessions supervisor gives up, Central restarts after it and recreates the
 session actors from the database.
+
+The gatekeeper is a top-level (one_for_one) child, before ``core`` and the
+listener: connections are gated from the first one, and its crash touches
+nothing else. Admitted links no longer pass through it, so live CPs stay
+connected; only challenges in flight are lost (those Monitors reconnect).
+The :class:`~transport.security.Keyring` (Central's CP keys, shared with
+the router that opens the Engines' sealed records) belongs to the system,
+not to an actor: it is created and loaded once here (the keys current at
+the previous stop become *replaced*; records sealed with them still open
+for ``--key-grace``), and survives every restart inside the system.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from dataclasses import dataclass
 
 from actors.central import CentralActor, CentralConfig
 from actors.console import ConsoleReader
+from actors.gatekeeper import GatekeeperActor, prepare_keyring
 from actors.ledger import LedgerActor
 from actors.panel import PanelActor
 from actors.router import SessionRouter
@@ -50,6 +63,7 @@ from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
 from transport.listener import Listener
+from transport.security import Keyring
 
 log = logging.getLogger("evcharging.central")
 
@@ -67,7 +81,17 @@ class CentralSystemConfig:
     db_path: str = setting("central.db", flag="--db", help="SQLite database file")
     host: str = setting("0.0.0.0", help="address to listen on for Monitors")
     topic_prefix: str = setting("", help="prefix of every Kafka topic (isolation)")
-    enroll: str = inherit(CentralConfig, "enroll", choices=("open", "closed"), help="unknown CPs: enrol or deny")
+    enroll: str = inherit(CentralConfig, "enroll", choices=("registry", "open"),
+                          help="'registry': only registered CPs, authenticated with their credential, their "
+                               "messages sealed; 'open': no authentication, unknown CPs enrolled (development only)")
+    auth_timeout: float = inherit(CentralConfig, "auth_timeout",
+                                  help="seconds a Monitor connection has to authenticate before it is closed")
+    auth_failures: int = inherit(CentralConfig, "auth_failures",
+                                 help="failed authentications from one address within --auth-window before its "
+                                      "attempts are refused")
+    auth_window: float = inherit(CentralConfig, "auth_window", help="seconds over which failed authentications count")
+    key_grace: float = inherit(CentralConfig, "key_grace",
+                               help="seconds a replaced CP key still opens the Engine's Kafka records")
     default_price: float = inherit(CentralConfig, "default_price", help="€/kWh of a newly enrolled CP")
     default_location: str = inherit(CentralConfig, "default_location",
                                     help="location of a newly enrolled CP whose Monitor sends none")
@@ -97,6 +121,8 @@ class CentralSystemConfig:
     group_id: str = setting("evcharging-central",
                             help="Kafka consumer group of Central (the topic prefix is prepended)")
     max_monitors: int = setting(5000, help="Monitor connections accepted at once")
+    signature_max_age: float = inherit(CentralConfig, "signature_max_age",
+                                       help="seconds a driver's signed request stays valid (older: denied as a replay)")
 
     @property
     def central_config(self) -> CentralConfig:
@@ -135,6 +161,11 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         log.warning("%s — Central starts anyway and keeps retrying", exc)
     directory = Directory()
     central_cfg = config.central_config
+    secured = config.enroll != "open"
+    keyring = Keyring(grace=config.key_grace)  # one per Central system: the gatekeeper issues, the router opens
+    with Repository(config.db_path) as repo:
+        loaded = prepare_keyring(repo, keyring)
+    log.info("Central: %d CP key(s) loaded that may still open records sealed before this start", loaded)
     core = [
         ChildSpec("sessions", Supervisor, ("sessions",), {"directory": directory}),
         ChildSpec("central", CentralActor,
@@ -145,7 +176,7 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
         ChildSpec("requests-pump", ConsumerPump, (settings, ("driver_requests",), "central", directory),
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
-        ChildSpec("router", SessionRouter, (directory,)),
+        ChildSpec("router", SessionRouter, (directory,), {"keyring": keyring, "require_sealed": secured}),
         ChildSpec("sessions-pump", ConsumerPump,
                   (settings, ("charging_session_data", "charging_session_complete"), "router", directory),
                   {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
@@ -158,6 +189,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     ]
     if config.console:
         children.append(ChildSpec("console", ConsoleReader, ("central", directory)))
+    # Before core and the listener: every Monitor connection is gated from the first one.
+    children.append(ChildSpec("gatekeeper", GatekeeperActor, (central_cfg, keyring, directory)))
     children.append(ChildSpec("core", Supervisor, ("core", core),
                               {"directory": directory, "strategy": "rest_for_one", "max_restarts": 10, "period": 30}))
     # The listener comes after the connections' supervisor (it spawns into it, waiting
@@ -166,7 +199,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
     children.append(ChildSpec("monitor-listener", Listener,
                               (config.host, config.port, "central", directory,
                                spawner_by_name(directory, "monitor-conns", wait=True)),
-                              {"max_connections": config.max_monitors, "component": "central-listener"}))
+                              {"max_connections": config.max_monitors, "component": "central-listener",
+                               "gate": "gatekeeper", "auth_deadline": config.auth_timeout if secured else None}))
     return start_system("central", children, directory, max_restarts=10, period=30)
 
 
@@ -194,6 +228,13 @@ def check_config(config: CentralSystemConfig) -> str | None:
         return "--default-price must not be negative"
     if config.max_monitors < 1:
         return "--max-monitors must be at least 1"
+    for name in ("auth_timeout", "auth_window"):
+        if getattr(config, name) <= 0:
+            return f"--{name.replace('_', '-')} must be greater than 0"
+    if config.auth_failures < 1:
+        return "--auth-failures must be at least 1"
+    if config.key_grace < 0:
+        return "--key-grace must not be negative"
     return None
 
 

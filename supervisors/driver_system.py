@@ -18,6 +18,11 @@ depends on it restarts after it and introduces itself to the new owner:
 * ``console``   — a :class:`~actors.console.ConsoleReader` telling ``output``
   each typed line (unless --no-console).
 
+With a secret (``--secret-file`` or ``EV_DRIVER_SECRET``) the driver computes
+its verifier once here and ``driver`` signs every request it publishes
+(docs/protocol.md, "Signed driver requests"); without one its requests go
+unsigned (development: a Central with ``--enroll open``), said once at start.
+
 The driver sends nothing before its pump is positioned: the pump starts at
 the end of the partition, so an answer published before that would be lost.
 The actor itself polls the pump's readiness with a timer (so a restarted
@@ -48,11 +53,14 @@ from supervisors.settings import add_process_flags, from_args, inherit, internal
 from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, start_system
-from transport import protocol
+from transport import protocol, security
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
 from transport.kafka import ConsumerPump, Publisher
 
 log = logging.getLogger("evcharging.driver")
+
+SECRET_ENV = "EV_DRIVER_SECRET"
+"""The environment variable that may hold the driver's secret itself (docs/protocol.md, "Credentials")."""
 
 
 # --- argument types -----------------------------------------------------------------
@@ -108,6 +116,9 @@ class DriverConfig:
     # An idle pump polls the broker this often: 10 ms (the transport default) costs ~10 % of a CPU
     # per driver; 100 ms costs ~2 % and adds ~20 ms to an answer, nothing a person notices.
     fetch_max_wait_ms: int = setting(100, help="longest wait (ms) of one poll of the driver's answers")
+    secret_file: str | None = setting(None, help="file with this driver's secret (the bare secret, or the registry's "
+                                                 f"JSON credential); else {SECRET_ENV} holds it; without either, "
+                                                 "requests go unsigned (a Central with security on denies them)")
 
 
 def read_services(path: str | Path) -> tuple[str, ...]:
@@ -126,9 +137,10 @@ def read_services(path: str | Path) -> tuple[str, ...]:
 def start_driver(config: DriverConfig) -> RunningSystem:
     """Start the driver's actor system; returns once its pump listens (or ready_timeout passed).
 
-    Raises ValueError/OSError for a bad services file (nothing is started then).
+    Raises ValueError/OSError for a bad services file or secret (nothing is started then).
     """
     services = read_services(config.services_file) if config.services_file else None
+    verifier = driver_verifier(config)
     settings = KafkaSettings(bootstrap=config.broker, topic_prefix=config.topic_prefix,
                              fetch_max_wait_ms=config.fetch_max_wait_ms)
     try:
@@ -138,7 +150,7 @@ def start_driver(config: DriverConfig) -> RunningSystem:
     directory = Directory()
     driver_kwargs: dict[str, Any] = {
         "request_timeout": config.request_timeout, "hello_backoff_max": config.hello_retry_max,
-        "ticket_notice_interval": config.ticket_notice_interval,
+        "ticket_notice_interval": config.ticket_notice_interval, "verifier": verifier,
     }
     # Started in this order (see the module docstring), stopped in reverse: the
     # pump stops before the driver (which never mistakes the shutdown for a
@@ -166,6 +178,21 @@ def start_driver(config: DriverConfig) -> RunningSystem:
     if not system.wait_ready(config.ready_timeout):
         log.warning("Cannot reach Kafka at %s yet — the driver keeps trying", config.broker)
     return system
+
+
+def driver_verifier(config: DriverConfig) -> bytes | None:
+    """The verifier every request is signed with, computed once per process (Argon2id, ~60 ms), from
+    ``--secret-file`` or else ``EV_DRIVER_SECRET``; None (and one warning) without a secret.
+
+    Raises :class:`~transport.security.SecurityError` (a ValueError) for an unreadable file, one
+    naming another driver, or a secret of the wrong length.
+    """
+    credential = security.load_credential("driver", config.driver_id, file=config.secret_file, env=SECRET_ENV)
+    if credential is None:
+        log.warning("No secret for driver %s (--secret-file or %s): requests go unsigned, and a Central "
+                    "with security on denies them", config.driver_id, SECRET_ENV)
+        return None
+    return credential.verifier()
 
 
 def _results_writer(path: Path) -> Any:

@@ -9,11 +9,19 @@ Children of the top supervisor, in start order:
 * ``console``          — keys typed at the CP (unless ``--no-console``).
 
 The publisher starts first so the Engine's start-up recovery finds it.
+
+With the CP's credential (``--credential-file`` or ``EV_CP_SECRET``; issue
+#11) the Engine obeys only a Monitor that pairs with it: every connection's
+frames go to the engine as unpaired until it proves the credential, and a
+connection that has not paired within ``--auth-timeout`` is closed. Without
+one the Engine runs as before (development mode) and says so loudly.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -22,6 +30,7 @@ from typing import TextIO
 
 from actors.console import ConsoleReader
 from actors.engine import EngineActor, EngineOptions, ShutdownSupply
+from actors.engine_pairing import EngineCredential
 from actors.runtime import Directory
 from supervisors import options as opts
 from supervisors.logs import setup_logging
@@ -32,6 +41,10 @@ from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.broker import KafkaSettings
 from transport.kafka import Publisher
 from transport.listener import Listener, ListenerPort
+from transport.security import SecurityError, load_credential
+
+#: The environment variable that may hold the CP's secret (never a flag: argv is visible to every user).
+SECRET_ENV = "EV_CP_SECRET"
 
 log = logging.getLogger("evcharging.engine")
 
@@ -49,8 +62,10 @@ class EngineConfig:
 
     broker: str = setting("127.0.0.1:9092", help="Kafka bootstrap server HOST:PORT", positional=True,
                           parse=opts.bootstrap)
-    listen_host: str = setting("0.0.0.0", help="HOST:PORT where the Monitor connects", flag="--listen",
-                               address="listen")
+    listen_host: str = setting("127.0.0.1", flag="--listen", address="listen",
+                               help="HOST:PORT where the Monitor connects (loopback by default: the Monitor runs "
+                                    "on the same host; with the Monitor on another host pass --listen "
+                                    "0.0.0.0:PORT explicitly)")
     listen_port: int = setting(7001, address="listen")
     journal: str | None = setting(None, help="the supply journal file (default run/engine-<port>.journal)")
     power_kw: float = inherit(EngineOptions, "power_kw", help="charging power in kW")
@@ -77,7 +92,14 @@ class EngineConfig:
                                      help="seconds after which a completion without Central's ticket is sent again")
     topic_prefix: str = setting("", help="prefix of every Kafka topic name (isolation)")
     cp_id: str | None = inherit(EngineOptions, "expected_cp_id",
-                                help="the CP id this Engine expects (optional; also its log tag)")
+                                help="the CP id this Engine is (its log tag; required with a credential unless "
+                                     "the credential file names it)")
+    credential_file: str | None = setting(None, help="the CP's credential file (JSON {\"kind\": \"cp\", \"id\", "
+                                                     "\"secret\"} or the bare secret, mode 0600); or the secret in "
+                                                     f"env {SECRET_ENV}. Without either the Engine obeys any "
+                                                     "Monitor (development mode)")
+    auth_timeout: float = setting(5.0, help="seconds a connection has to pair (prove the CP's credential) before it "
+                                            "is closed; with a credential")
     console: bool = internal(True)
     console_stream: TextIO | None = internal(None)  # None: stdin
     max_connections: int = setting(4, help="Monitor connections accepted at once")
@@ -97,8 +119,51 @@ class EngineConfig:
         return pick(EngineOptions, self, expected_cp_id=self.cp_id)
 
 
+def engine_credential(config: EngineConfig) -> tuple[EngineConfig, EngineCredential | None]:
+    """The CP's credential (its verifier, computed here, once) and the config with the CP id it names;
+    (config, None) without one. A :class:`SecurityError` says what is wrong with it."""
+    cp_id = config.cp_id
+    if cp_id is None and config.credential_file:
+        cp_id = _named_in(config.credential_file)
+    file_or_env = config.credential_file or None
+    if cp_id is None:
+        if file_or_env or _secret_in_env():
+            raise SecurityError("a credential needs the CP id: give --cp-id (or a credential file naming \"id\")")
+        return config, None
+    credential = load_credential("cp", cp_id, file=file_or_env, env=SECRET_ENV)
+    if credential is None:
+        return config, None
+    return dataclasses.replace(config, cp_id=cp_id), EngineCredential(cp_id, credential.verifier())
+
+
+def _named_in(path: str) -> str | None:
+    """The "id" a JSON credential file names (None for a bare secret; load_credential reports read errors)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+        named = json.loads(text).get("id") if text.startswith("{") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
+def _secret_in_env() -> bool:
+    import os
+
+    return bool(os.environ.get(SECRET_ENV))
+
+
 def start_engine(config: EngineConfig = EngineConfig()) -> RunningSystem:
-    """Start an Engine and return once its children run (the listener is bound)."""
+    """Start an Engine and return once its children run (the listener is bound).
+
+    Raises :class:`~transport.security.SecurityError` when the credential cannot be used.
+    """
+    config, credential = engine_credential(config)
+    if credential is None:
+        log.warning("DEVELOPMENT MODE: this Engine has no credential (--credential-file or %s), so it obeys "
+                    "ANY client that connects to %s:%d and publishes unsealed records; never run it like this "
+                    "where others can reach it", SECRET_ENV, config.listen_host, config.listen_port)
+    else:
+        log.info("Engine of CP %s: it obeys only a Monitor that proves the CP's credential", credential.cp_id)
     Path(config.journal_path).parent.mkdir(parents=True, exist_ok=True)
     directory = Directory()
     # core is rest_for_one, owners first: the engine needs the publisher's acks for
@@ -109,7 +174,7 @@ def start_engine(config: EngineConfig = EngineConfig()) -> RunningSystem:
     core = [
         ChildSpec("publisher", Publisher, (config.kafka,), {"component": "engine-publisher"}),
         ChildSpec("engine", EngineActor, (config.journal_path, directory),
-                  {"options": config.engine_options, "publisher": "publisher"}),
+                  {"options": config.engine_options, "publisher": "publisher", "credential": credential}),
         ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
     ]
     children = [ChildSpec("console", ConsoleReader, ("engine", directory), {"stream": config.console_stream})
@@ -119,7 +184,9 @@ def start_engine(config: EngineConfig = EngineConfig()) -> RunningSystem:
         ChildSpec("monitor-listener", Listener,
                   (config.listen_host, config.listen_port, "engine", directory,
                    spawner_by_name(directory, "monitor-conns", wait=True)),
-                  {"max_connections": config.max_connections, "component": "monitor-listener"}),
+                  {"max_connections": config.max_connections, "component": "monitor-listener",
+                   # with a credential, frames go to the engine as unpaired until the link is admitted
+                   **({"gate": "engine", "auth_deadline": config.auth_timeout} if credential else {})}),
     ]
     return start_system(config.name, children, directory=directory)
 
@@ -167,13 +234,16 @@ def check_config(config: EngineConfig) -> str | None:
         return "--supply-seconds must be greater than 0"
     if config.max_connections < 1:
         return "--max-connections must be at least 1"
+    if config.auth_timeout <= 0:
+        return "--auth-timeout must be greater than 0"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     config = config_from_args(args)
-    ident = config.cp_id or f":{config.listen_port}"
+    ident = config.cp_id or (_named_in(config.credential_file) if config.credential_file else None) \
+        or f":{config.listen_port}"
     setup_logging("EV_CP_E", ident, log_file=args.log_file, level=args.log_level)
     problem = check_config(config)
     if problem:
@@ -187,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = " — type help for the commands" if config.console else ""
         return f"Engine started: {where}, Kafka at {config.broker}{hint}"
 
+    # A credential that cannot be used stops the start with its sentence ("Cannot start the Engine: …").
     return run_until_signal(lambda: start_engine(config), stop_engine, "Engine", started)
 
 

@@ -1,10 +1,18 @@
 """``evcharging up``: a whole network on one machine, each component its own OS process.
 
 :class:`Network` is also the Python API the failure-injection tests use: it
-starts the broker, Central, CPs (Engine + Monitor) and drivers as separate
-processes with their own log files, and can kill (SIGKILL), stop and restart
-any one of them by name (``central``, ``engine:MAD1``, ``monitor:MAD1``,
-``driver:d1``).
+starts the broker, the registry, Central, CPs (Engine + Monitor) and drivers
+as separate processes with their own log files, and can kill (SIGKILL), stop
+and restart any one of them by name (``registry``, ``central``,
+``engine:MAD1``, ``monitor:MAD1``, ``driver:d1``).
+
+Security is on by default (``--security on``): the launcher starts
+``EV_Registry`` with a fresh admin token (in its environment, never argv),
+registers every CP and driver through its HTTPS API
+(:mod:`supervisors.provision`), and gives each program its credential file
+(``<run>/credentials/*.json``, 0600); Central runs with ``--enroll
+registry``. ``--security off`` is the development mode: no registry,
+``--enroll open``, nothing authenticated or sealed.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -65,6 +74,9 @@ class NetworkSpec:
     broker: str | None = setting(None, parse=opt.bootstrap,
                                  help="use this Kafka HOST:PORT instead of starting a local broker")
     host: str = setting("127.0.0.1", help="address every component listens on")
+    security: str = setting("on", choices=("on", "off"),
+                            help="on: a registry, credentials for every CP and driver, authenticated and sealed "
+                                 "traffic; off: development mode (Central --enroll open)")
     topic_prefix: str = setting("", help="prefix of every Kafka topic")
     supply_seconds: float = setting(5.0, help="how long each unattended supply lasts")
     plug_delay: float = inherit(EngineConfig, "plug_delay", help="seconds before a CP plugs the vehicle in by itself")
@@ -129,6 +141,13 @@ class Network:
         self.engine_ports: dict[str, int] = {}
         self.procs: dict[str, Proc] = {}
         self._central_log_offset = 0  # where the current Central run starts in its detail log
+        self.secure = spec.security == "on"
+        self.credentials_dir = self.run_dir / "credentials"
+        self.registry_port = free_port(spec.host) if self.secure else 0
+        self.registry_url = f"https://{spec.host}:{self.registry_port}"
+        self.registry_ca = self.run_dir / "registry-cert.pem"  # EV_Registry makes it next to the database
+        self._registry_token = secrets.token_urlsafe(32)  # the admin token: environment only, never argv or logs
+        self._registry_client: Any = None
 
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> Network:
@@ -138,6 +157,12 @@ class Network:
                                       log_path=self.run_dir / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
         ensure_topics(KafkaSettings(self.bootstrap, self.spec.topic_prefix))
+        if self.secure:
+            self.start_registry()
+            from supervisors.provision import provision
+
+            provision(self.registry(), self.cps, [f"driver{i + 1}" for i in range(self.spec.drivers)],
+                      self.credentials_dir)
         self.start_central()
         for cp_id, _, _ in self.cps:
             self.start_engine(cp_id)
@@ -153,7 +178,7 @@ class Network:
     def stop(self) -> None:
         """SIGTERM everything (drivers and CPs first, Central last), then SIGKILL stragglers."""
         order = [n for n in self.procs if n.startswith("driver:")] + \
-                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["central"]
+                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["central", "registry"]
         for name in order:
             self.signal(name, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -182,16 +207,48 @@ class Network:
     # --- components --------------------------------------------------------------
     def _common(self, name: str) -> list[str]:
         args = ["--log-file", str(self.run_dir / f"{name.replace(':', '-')}.detail.log")]
-        if self.spec.topic_prefix and not name.startswith("monitor:"):  # the Monitor has no Kafka
+        if self.spec.topic_prefix and not name.startswith(("monitor:", "registry")):  # they have no Kafka
             args += ["--topic-prefix", self.spec.topic_prefix]
         return args
+
+    def start_registry(self) -> Proc:
+        """EV_Registry on Central's database file (its certificate and token files go next to it)."""
+        from supervisors.provision import wait_for_registry
+
+        cmd = python_cmd("registry", "--db", str(self.db_path), "--host", self.spec.host,
+                         "--port", str(self.registry_port), *self._common("registry"))
+        proc = self._spawn("registry", cmd, env={"EV_REGISTRY_TOKEN": self._registry_token})
+        try:
+            wait_for_registry(self.registry_url, self.registry_ca, 30.0)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; see {proc.log_path}") from None
+        return proc
+
+    def registry(self) -> Any:
+        """A client of the running registry (admin token included)."""
+        from transport.registry_api import RegistryClient
+
+        if self._registry_client is None:
+            self._registry_client = RegistryClient(self.registry_url, self._registry_token, str(self.registry_ca))
+        return self._registry_client
+
+    def credential(self, kind: str, ident: str) -> Path:
+        """The credential file of a CP or driver, registering it first when it has none."""
+        from supervisors.provision import credential_path, provision
+
+        path = credential_path(self.credentials_dir, kind, ident)
+        if not path.exists():
+            cps = [c for c in self.cps if c[0] == ident] or [(ident, ident, 0.30)] if kind == "cp" else []
+            provision(self.registry(), cps, [ident] if kind == "driver" else [], self.credentials_dir)
+        return path
 
     def start_central(self) -> Proc:
         seed = self.run_dir / "cps.csv"
         with open(seed, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows(self.cps)
+        trust = ["--enroll", "registry"] if self.secure else ["--enroll", "open", "--seed", str(seed)]
         cmd = python_cmd("central", str(self.central_port), self.broker_for("central"), "--db", str(self.db_path),
-                         "--host", self.spec.host, "--seed", str(seed), "--panel", self.spec.panel,
+                         "--host", self.spec.host, *trust, "--panel", self.spec.panel,
                          "--life-timeout", str(self.spec.life_timeout),
                          *([] if self.spec.central_console else ["--no-console"]),
                          *self._common("central"), *self.spec.extra_central)
@@ -245,6 +302,7 @@ class Network:
                          "--journal", str(self.run_dir / f"engine-{cp_id}.journal.db"), "--auto-plug",
                          "--plug-delay", str(self.spec.plug_delay), "--supply-seconds", str(self.spec.supply_seconds),
                          "--power-kw", str(self.spec.power_kw), "--tick", str(self.spec.tick), "--no-console",
+                         *self._credential_args("cp", cp_id, "--credential-file"),
                          *self._common(f"engine:{cp_id}"), *self.spec.extra_engine)
         proc = self._spawn(f"engine:{cp_id}", cmd)
         wait_for_port(self.spec.host, port, 20)
@@ -255,6 +313,7 @@ class Network:
         engine = self.spec.monitor_engine.get(cp_id, f"{self.spec.host}:{self.engine_ports[cp_id]}")
         central = self.spec.monitor_central.get(cp_id, f"{self.spec.host}:{self.central_port}")
         cmd = python_cmd("monitor", engine, central, cp_id, "--location", location,
+                         *self._credential_args("cp", cp_id, "--credential-file"),
                          *self._common(f"monitor:{cp_id}"), *self.spec.extra_monitor)
         return self._spawn(f"monitor:{cp_id}", cmd)
 
@@ -272,8 +331,12 @@ class Network:
                          "--services", str(self.services_file(driver_id, index)),
                          "--pause", str(self.spec.pause), "--exit-when-done", "--no-console",
                          "--results-json", str(self.run_dir / f"{driver_id}.results.json"),
+                         *self._credential_args("driver", driver_id, "--secret-file"),
                          *self._common(f"driver:{driver_id}"), *self.spec.extra_driver)
         return self._spawn(f"driver:{driver_id}", cmd)
+
+    def _credential_args(self, kind: str, ident: str, flag: str) -> list[str]:
+        return [flag, str(self.credential(kind, ident))] if self.secure else []
 
     def broker_for(self, name: str) -> str:
         """The Kafka bootstrap component ``name`` is given (``spec.component_broker`` or the network's).
@@ -283,16 +346,17 @@ class Network:
         """
         return self.spec.component_broker.get(name, self.bootstrap)
 
-    def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False, stdin_pipe: bool = False) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], inherit_stdout: bool = False, stdin_pipe: bool = False,
+               env: dict[str, str] | None = None) -> Proc:
         old = self.procs.get(name)
         if old and old.popen and old.popen.poll() is None:
             raise RuntimeError(f"{name} is already running (pid {old.popen.pid})")
         log_path = self.run_dir / f"{name.replace(':', '-')}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 -- the child's output while it runs; closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         stdin = subprocess.PIPE if stdin_pipe else subprocess.DEVNULL
         popen = subprocess.Popen(cmd, stdin=stdin, stdout=None if inherit_stdout else log_file,
-                                 stderr=log_file, env=env)
+                                 stderr=log_file, env=child_env)
         proc = Proc(name, cmd, log_path, popen, log_file, stdin)
         self.procs[name] = proc
         log.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
@@ -315,6 +379,8 @@ class Network:
 
     def restart(self, name: str) -> Proc:
         kind, _, ident = name.partition(":")
+        if kind == "registry":
+            return self.start_registry()
         if kind == "central":
             return self.start_central()
         if kind == "engine":

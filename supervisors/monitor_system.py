@@ -4,7 +4,13 @@ Children of the top supervisor, in start order:
 
 * ``monitor``      — :class:`~actors.monitor.MonitorActor` (the state);
 * ``engine-link``  — :class:`~transport.client_link.ClientLink` to the Engine;
-* ``central-link`` — :class:`~transport.client_link.ClientLink` to Central.
+* ``central-link`` — :class:`~transport.client_link.ClientLink` to Central;
+* ``console``      — :class:`~actors.console.ConsoleReader` → ``monitor``
+  (the menu: ``re-authenticate``, ``status``; EV_CP_M without ``--no-console``).
+
+The CP's credential (issue #11) comes from ``--credential-file`` or the
+environment variable ``EV_CP_SECRET`` (never from the command line); without
+one the Monitor neither authenticates nor seals (a Central with ``--enroll open``).
 
 Strategy rest_for_one: a link that crashes restarts alone (and reconnects);
 when the Monitor restarts, both links restart after it, so the new Monitor
@@ -19,6 +25,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from actors.console import ConsoleReader
 from actors.monitor import MonitorActor, MonitorOptions
 from actors.runtime import Directory
 from supervisors.logs import setup_logging
@@ -28,10 +35,13 @@ from supervisors.supervisor import ChildSpec
 from supervisors.system import RunningSystem, run_until_signal, start_system
 from transport.client_link import ClientLink
 from transport.link import LinkOptions
+from transport.security import Credential, SecurityError, load_credential
 
 log = logging.getLogger("evcharging.monitor")
 
-__all__ = ["MonitorConfig", "start_monitor", "main"]
+__all__ = ["MonitorConfig", "start_monitor", "load_monitor_credential", "main", "SECRET_ENV"]
+
+SECRET_ENV = "EV_CP_SECRET"  # the secret itself, when there is no credential file (never a flag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,9 @@ class MonitorConfig:
     retry_base: float = inherit(ClientLink, "retry_base", help="first wait (s) before reconnecting a lost link")
     retry_max: float = inherit(ClientLink, "retry_max", help="longest wait (s) between two reconnection attempts")
     ack_timeout: float = inherit(LinkOptions, "ack_timeout", help="seconds to wait for the peer's ACK of a frame")
+    credential_file: str | None = setting(None, help="file with this CP's credential from the registry (JSON or the "
+                                                     f"bare secret, mode 0600); without it, {SECRET_ENV} is read; "
+                                                     "without either the Monitor does not authenticate")
     name: str = internal("EV_CP_M")
 
     @property
@@ -76,20 +89,35 @@ class MonitorConfig:
         return pick(MonitorOptions, self)
 
 
-def start_monitor(config: MonitorConfig = MonitorConfig()) -> RunningSystem:
-    """Start a Monitor; it connects (and keeps reconnecting) to its Engine and to Central."""
+def load_monitor_credential(config: MonitorConfig) -> Credential | None:
+    """The CP's credential: ``--credential-file``, else ``EV_CP_SECRET``; None without either.
+    A :class:`~transport.security.SecurityError` says what is wrong with the file."""
+    return load_credential("cp", config.cp_id, file=config.credential_file, env=SECRET_ENV)
+
+
+def start_monitor(config: MonitorConfig = MonitorConfig(), *, console: bool = False,
+                  credential: Credential | None = None) -> RunningSystem:
+    """Start a Monitor; it connects (and keeps reconnecting) to its Engine and to Central.
+
+    ``credential``: given, or loaded from the config (file, then environment); ``console``: read
+    the menu's commands from stdin."""
+    if credential is None:
+        credential = load_monitor_credential(config)
     directory = Directory()
     link_kwargs = {
         "connect_timeout": config.connect_timeout, "retry_base": config.retry_base,
         "retry_max": config.retry_max, "options": LinkOptions(ack_timeout=config.ack_timeout),
     }
     children = [
-        ChildSpec("monitor", MonitorActor, (config.cp_id, directory), {"options": config.monitor_options}),
+        ChildSpec("monitor", MonitorActor, (config.cp_id, directory),
+                  {"options": config.monitor_options, "credential": credential}),
         ChildSpec("engine-link", ClientLink, (config.engine_host, config.engine_port, "monitor", directory),
                   {"peer_name": "ENGINE", "component": "engine-link", **link_kwargs}),
         ChildSpec("central-link", ClientLink, (config.central_host, config.central_port, "monitor", directory),
                   {"peer_name": "CENTRAL", "component": "central-link", **link_kwargs}),
     ]
+    if console:
+        children.append(ChildSpec("console", ConsoleReader, ("monitor", directory)))
     # rest_for_one: the links feed the Monitor; when it restarts they reconnect after
     # it and introduce themselves (LinkUp), so it greets the Engine and registers again.
     return start_system(config.name, children, directory=directory, strategy="rest_for_one")
@@ -98,8 +126,9 @@ def start_monitor(config: MonitorConfig = MonitorConfig()) -> RunningSystem:
 # --- the command ------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """EV_CP_M's parser: one argument per field of :class:`MonitorConfig`, then the process's."""
-    p = parser_for(MonitorConfig, "EV_CP_M", "A charging point's Monitor.")
-    add_process_flags(p, console=False)
+    p = parser_for(MonitorConfig, "EV_CP_M", "A charging point's Monitor. Type re-authenticate (a new login and "
+                                             "key with Central) or status.")
+    add_process_flags(p)
     return p
 
 
@@ -126,11 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         log.error("Cannot start the Monitor: %s", problem)
         return 2
-    def started(_system: RunningSystem) -> str:
-        return (f"Monitor of {config.cp_id} started: Engine at {config.engine_host}:{config.engine_port}, "
-                f"Central at {config.central_host}:{config.central_port}")
+    try:
+        credential = load_monitor_credential(config)
+    except SecurityError as exc:
+        log.error("Cannot start the Monitor: %s", exc)
+        return 2
 
-    return run_until_signal(lambda: start_monitor(config), RunningSystem.stop, "Monitor", started, log)
+    def started(_system: RunningSystem) -> str:
+        how = "authenticating with its credential" if credential else "WITHOUT a credential (not authenticated)"
+        return (f"Monitor of {config.cp_id} started: Engine at {config.engine_host}:{config.engine_port}, "
+                f"Central at {config.central_host}:{config.central_port}, {how}")
+
+    return run_until_signal(lambda: start_monitor(config, console=not args.no_console, credential=credential),
+                            RunningSystem.stop, "Monitor", started, log)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def central(kafka_settings, tmp_path, request):
         # 3,600 kW: 1 kWh a second, so the tests' quick supplies stay plausible (see test_billing.py)
         repo.upsert_cp("MAD1", "Madrid Sol", 0.40, max_power_kw=3600)
         repo.upsert_cp("MAD2", "Madrid Atocha", 0.35, max_power_kw=3600)
-    config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
+    config = CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
                                  topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
                                  life_timeout=marker.args[0] if marker else 30.0)
     system = start_central(config)
@@ -96,22 +96,30 @@ def test_starts_with_every_cp_disconnected_and_registers_with_db_price(central) 
     wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=1.4)
 
 
-def test_enrolment_open_and_closed(central, kafka_settings, tmp_path) -> None:
+def test_enrolment_open_and_registry(central, kafka_settings, tmp_path) -> None:
     m = FakeMonitor(central.port, "NEW9")
     r = m.register(location="Valencia Port")
     assert (r.status, r.location, r.price_eur_kwh) == ("accepted", "Valencia Port", 0.30)
     m.close()
-    closed = start_central(CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
-                                               db_path=str(tmp_path / "closed.db"), enroll="closed",
-                                               topic_prefix=kafka_settings.topic_prefix + "closed.",
-                                               group_id="closed"))
+    # The default, registry mode: an unknown CP gets nowhere (tests/test_security_cp.py has the rest)
+    secured = start_central(CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
+                                                db_path=str(tmp_path / "registry.db"),
+                                                topic_prefix=kafka_settings.topic_prefix + "registry.",
+                                                group_id="registry"))
     try:
-        m2 = FakeMonitor(closed.ask("monitor-listener", ListenerPort()), "NEW9")
+        port = secured.ask("monitor-listener", ListenerPort())
+        m2 = FakeMonitor(port, "NEW9")
         r2 = m2.register()
-        assert r2.status == "denied" and "unknown CP NEW9" in r2.reason
+        assert r2.status == "denied" and "authenticate first" in r2.reason
         m2.close()
+        m3 = FakeMonitor(port, "NEW9")
+        m3.send(protocol.AuthRequest(cp_id="NEW9", correlation_id="c1"))
+        r3 = m3.expect(protocol.AuthResult)
+        assert (r3.status, r3.reason) == ("denied", "unknown CP NEW9")
+        m3.close()
+        assert "NEW9" not in secured.ask("central", CentralStatus())
     finally:
-        closed.stop()
+        secured.stop()
 
 
 def test_authorisation_rules_give_readable_denials(central) -> None:

@@ -195,8 +195,9 @@ def test_stop_all_survives_a_central_restart(central, kafka_settings) -> None:
     wait_until(lambda: {state(central, "MAD1"), state(central, "MAD2")} == {"STOPPED"})
     m1.close()
     m2.close()
-    config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=central.db,
-                                 topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0, life_timeout=30.0)
+    config = CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
+                                 db_path=central.db, topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
+                                 life_timeout=30.0)
 
     def restart_and_register():
         central.stop()

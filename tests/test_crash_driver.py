@@ -72,8 +72,8 @@ def test_driver_actor_crash_mid_supply(kafka_settings, systems, tmp_path, caplog
     caplog.set_level(logging.INFO, logger=DRIVER_LOG)
     db = str(tmp_path / "central.db")
     prefix = kafka_settings.topic_prefix
-    central = start_central(CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
-                                                db_path=db, topic_prefix=prefix,
+    central = start_central(CentralSystemConfig(enroll="open", port=0, host="127.0.0.1",
+                                                broker=kafka_settings.bootstrap, db_path=db, topic_prefix=prefix,
                                                 group_id=f"central-{uuid.uuid4().hex[:6]}"))
     systems.append(central)
     assert central.wait_ready(30), "Central's Kafka consumers did not join within 30 s"

@@ -73,6 +73,7 @@ def net(kafka_settings, tmp_path):
         for i, cp in enumerate(CPS):
             repo.upsert_cp(cp, f"Crash street {i}", 0.50)
     central = start_central(CentralSystemConfig(
+        enroll="open",  # not about security: no CP credentials
         port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
         topic_prefix=kafka_settings.topic_prefix, panel="off", console=False))
     engines: dict[str, RunningSystem] = {}

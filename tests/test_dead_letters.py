@@ -242,7 +242,7 @@ def central(kafka_settings, tmp_path):
     db = str(tmp_path / "central.db")
     with Repository(db) as repo:
         repo.upsert_cp("MAD1", "Madrid Sol", 0.40)
-    config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
+    config = CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
                                  topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0, life_timeout=30.0)
     system = start_central(config)
     assert system.wait_ready(30), "Central's Kafka consumers did not join within 30 s"
@@ -328,7 +328,7 @@ def crowded_central(kafka_settings, tmp_path):
     with Repository(db) as repo:
         for i in range(1200):
             repo.upsert_cp(f"CP{i:05d}", "\U0001d11e" * 199 + str(i % 10), 0.30)
-    config = CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
+    config = CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
                                  topic_prefix=kafka_settings.topic_prefix, life_timeout=30.0)
     system = start_central(config)
     assert system.wait_ready(30)

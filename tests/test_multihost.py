@@ -149,7 +149,7 @@ def program_module(script: str) -> Any:
     target = console_scripts()[script]  # e.g. supervisors.cli:central_main
     kind = target.rsplit(":", 1)[1].removesuffix("_main")
     return importlib.import_module({"central": "supervisors.central_system", "engine": "supervisors.engine_system",
-                                    "monitor": "supervisors.monitor_system",
+                                    "monitor": "supervisors.monitor_system", "registry": "supervisors.registry_system",
                                     "driver": "supervisors.driver_system"}[kind])
 
 
@@ -175,7 +175,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return interpolate(compose["services"], {})  # as `docker compose up` sees them with an empty environment
 
 
-APP_SCRIPTS = ("EV_Central", "EV_CP_E", "EV_CP_M", "EV_Driver")
+APP_SCRIPTS = ("EV_Central", "EV_CP_E", "EV_CP_M", "EV_Driver", "EV_Registry")
 
 
 def test_the_compose_file_reads_the_same_in_yaml_1_1_and_1_2() -> None:
@@ -231,7 +231,13 @@ def test_every_app_service_runs_a_program_whose_flags_its_environment_names(
         assert isinstance(command, list) and command, f"{name}: command must be an exec-form list"
         env = env_map(svc)
         if command[0] not in APP_SCRIPTS:
-            assert command[0] == "python" and name == "kafka-init", f"{name}: runs {command[0]!r}"
+            assert command[0] == "python" and name in ("kafka-init", "provision"), f"{name}: runs {command[0]!r}"
+            if name == "provision":  # its flags: python -m supervisors.provision, env read by os.environ
+                from supervisors import provision
+
+                src = Path(provision.__file__).read_text(encoding="utf-8")
+                unknown = sorted(k for k in env if k.startswith("EV_") and f'"{k}"' not in src)
+                assert not unknown, f"provision sets {unknown}, which supervisors/provision.py does not read"
             continue
         assert command[0] in scripts, f"{name}: {command[0]} is not an installed console script"
         module = program_module(command[0])
@@ -430,7 +436,7 @@ def test_central_survives_frames_from_a_connection_that_already_closed(kafka_set
     class Gone(pykka.ThreadingActor):
         pass
 
-    system = start_central(CentralSystemConfig(port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
+    system = start_central(CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap,
                                                db_path=str(tmp_path / "central.db"),
                                                topic_prefix=kafka_settings.topic_prefix))
     try:
@@ -560,7 +566,8 @@ def test_three_hosts_supply_across_them_and_survive_a_cut_of_the_cp_host(lab: La
                                    "--storage-engine", "memory://tansu/"], run / "broker.log")
         assert lab.wait_port("h3", h1, BROKER_PORT), "Kafka on host 1 is not reachable from host 3"
         lab.popen("central", "h1", python_cmd("central", str(CENTRAL_PORT), broker, "--db", str(db), "--panel", "off",
-                                              "--life-timeout", str(LIFE_TIMEOUT), "--no-console", *detail("central")),
+                                              "--enroll", "open", "--life-timeout", str(LIFE_TIMEOUT), "--no-console",
+                                              *detail("central")),
                   run / "central.log", cwd=ROOT)
         assert lab.wait_port("h2", h1, CENTRAL_PORT), "Central on host 1 is not reachable from host 2"
 

@@ -22,7 +22,15 @@ import pytest
 from actors.central import CentralConfig
 from actors.engine import EngineOptions
 from actors.monitor import MonitorOptions
-from supervisors import central_system, driver_system, engine_system, launcher, monitor_system, registry_system, settings
+from supervisors import (
+    central_system,
+    driver_system,
+    engine_system,
+    launcher,
+    monitor_system,
+    registry_system,
+    settings,
+)
 from supervisors.central_system import CentralSystemConfig
 from supervisors.driver_system import DriverConfig
 from supervisors.engine_system import EngineConfig

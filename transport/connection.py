@@ -4,6 +4,10 @@ Started by the :class:`~transport.listener.Listener` as a *temporary* child
 of a supervisor: when its peer goes, it tells its owner ``LinkDown`` and
 stops; the peer reconnects and gets a fresh actor. Everything else (framing,
 ACK/NACK, back-pressure) is in :class:`~transport.link.FramedLink`.
+
+With a ``gate`` (an actor other than the owner that authenticates peers), the
+gate is also told ``LinkUp`` (before any frame, so it knows the peer's
+address) and, while the link is not admitted, ``LinkDown``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.runtime import Directory, Supervision, schedule
-from transport.link import FramedLink, LinkOptions
+from transport.link import FramedLink, LinkDown, LinkOptions, LinkUp
 
 log = logging.getLogger("evcharging.link")
 
@@ -53,13 +57,29 @@ class ServerConnection(FramedLink):
     def setup(self) -> None:
         sock, peer = self._initial
         self.attach(sock, peer)
+        if self.gate is not None and self.gate != self.owner:
+            # The gate learns the peer (its address, for rate limits and the audit) before any
+            # frame: both come from this actor, so LinkUp is first in the gate's mailbox.
+            self.directory.tell(self.gate, LinkUp(self.actor_ref, peer, self.child_name))
         if self.auth_deadline is not None:
             self._deadline_timer = schedule(self.auth_deadline, self.actor_ref, _AuthDeadline())
 
     def teardown(self) -> None:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
+        was_connected = self.connected
         super().teardown()
+        if was_connected:
+            self._tell_gate_down("link stopped")
+
+    def on_link_lost(self, reason: str) -> None:
+        self._tell_gate_down(reason)
+        super().on_link_lost(reason)
+
+    def _tell_gate_down(self, reason: str) -> None:
+        """A link the gate was still authenticating is gone: the gate forgets it."""
+        if self.gate is not None and self.gate != self.owner and not self.admitted:
+            self.directory.tell(self.gate, LinkDown(self.actor_ref, self.peer, reason))
 
     def on_admitted(self) -> None:
         if self._deadline_timer is not None:
