@@ -244,6 +244,7 @@ class CentralActor(SupervisedActor):
         self._down_since: float | None = None  # the previous run's last sign of life (own clock)
         self._requests_up: float | None = None  # monotonic: when the requests pump first said PumpUp
         self._alive_at = 0.0
+        self._dead_audited: dict[str, tuple[float, int]] = {}  # topic|key -> (last audited, records since)
         self._rejected: dict[str, tuple[float, int]] = {}  # link urn -> (last audit, refusals since)
         # Driver requests: signed by registered drivers unless enroll is "open" (actors/driver_auth.py)
         self._driver_auth = DriverAuth(lambda: self.repo, registry=config.enroll != "open",
@@ -925,8 +926,22 @@ class CentralActor(SupervisedActor):
             self._to_driver(denial.driver_id, answer)
 
     def _on_dead_letter(self, d: DeadLettered) -> None:
-        """A record went to a dead-letter topic: a fault the operator sees in the panel and the log."""
+        """A record went to a dead-letter topic: a fault the operator sees in the panel and the log,
+        and an audit line ``record_rejected`` (at most one a second per topic and key, with a count)."""
         where = f" (partition {d.partition}, offset {d.offset})" if d.offset is not None else ""
+        slot = f"{d.topic}|{d.key}"
+        now = time.monotonic()
+        last, count = self._dead_audited.get(slot, (0.0, 0))
+        count += 1
+        if now - last < REJECTED_AUDIT_EVERY:
+            self._dead_audited[slot] = (last, count)
+        else:
+            if len(self._dead_audited) > 10_000:  # bounded: a flood of distinct keys forgets the oldest
+                self._dead_audited.pop(next(iter(self._dead_audited)))
+            self._dead_audited[slot] = (now, 0)
+            self.repo.audit("central", d.key or "unknown", "record_rejected", d.reason,
+                            params={"topic": d.topic, "partition": d.partition, "offset": d.offset,
+                                    "component": d.component, "count": count})
         self._note(f"FAULT: a record on {d.topic}{where}, key {d.key}, was set aside in {d.topic}.dead: "
                    f"{protocol.clip(d.reason, 160)}")
 

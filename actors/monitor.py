@@ -97,10 +97,14 @@ class _Authenticate:
 
 @dataclass(frozen=True, slots=True)
 class _AuthTimeout:
-    """Central (or the Engine) did not finish the authentication ``correlation_id`` in time."""
+    """Central (or the Engine) did not answer a step of the authentication ``correlation_id`` in time.
+
+    Each answer gets the full ``register_timeout`` (``step`` 0: the challenge, 1: the verdict), so a
+    slow but working link is not mistaken for a dead one."""
 
     side: str
     correlation_id: str
+    step: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +229,8 @@ class MonitorActor(SupervisedActor):
                 central = self._links[CENTRAL]
                 if central is not None and central.actor_urn == urn and not self._ready[CENTRAL]:
                     self._login(central)
-            case _AuthTimeout(side, corr):
-                self._on_auth_timeout(side, corr)
+            case _AuthTimeout(side, corr, step):
+                self._on_auth_timeout(side, corr, step)
             case ReAuthenticate():
                 return self._reauthenticate("asked at the Monitor")
             case ConsoleLine(text):
@@ -347,6 +351,7 @@ class MonitorActor(SupervisedActor):
             case protocol.AuthChallenge(corr, nonce) if pending is not None and pending[0] == corr \
                     and pending[1] is None and self._verifier is not None:
                 self._auth[side] = (corr, nonce)
+                self._later(self.options.register_timeout, _AuthTimeout(side, corr, 1))
                 purpose = security.PURPOSE_CENTRAL if side == CENTRAL else security.PURPOSE_ENGINE
                 tell(link, Send(protocol.AuthProof(correlation_id=corr, cp_id=self.cp_id,
                                                    proof=security.proof(self._verifier, purpose, self.cp_id, nonce))))
@@ -416,14 +421,14 @@ class MonitorActor(SupervisedActor):
         self._auth_not_before = time.monotonic() + delay
         return delay
 
-    def _on_auth_timeout(self, side: str, corr: str) -> None:
+    def _on_auth_timeout(self, side: str, corr: str, step: int) -> None:
         pending = self._auth[side]
         link = self._links[side]
-        if pending is None or pending[0] != corr or link is None:
+        if pending is None or pending[0] != corr or link is None or (pending[1] is not None) != (step == 1):
             return
         who = "Central" if side == CENTRAL else "the Engine"
-        log.warning("%s: %s did not finish the authentication within %g s — reconnecting", self.cp_id, who,
-                    self.options.register_timeout)
+        log.warning("%s: %s did not answer the %s within %g s — reconnecting", self.cp_id, who,
+                    "proof" if step else "authentication request", self.options.register_timeout)
         self._auth[side] = None
         tell(link, Close(f"{who} did not finish the authentication"))
 

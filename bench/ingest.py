@@ -21,6 +21,13 @@
    acknowledged by the broker). Afterwards the bench checks what "durable as designed" means:
    the ledger's batched checkpoints reached the last ``seq`` of every
    session in SQLite and the pump committed every offset.
+5. Sealed (issue #11): the same number of records, each sealed as an Engine
+   seals it (AES-256-GCM with its CP's key, ``sealed`` envelope), on topics of
+   their own; a bare consumer reads them (baseline: the bigger records), then
+   Central with security on (``--enroll registry``) opens every one with its
+   keyring (key check, replay counter, decryption, inner decode) before routing.
+   Rows: sealed ingest versus its bare consumer (target still >= 10,000 rec/s)
+   and versus Central's plain ingest (the price of the trust boundary).
 """
 
 from __future__ import annotations
@@ -51,9 +58,11 @@ TARGET_RATE = 10_000.0
 TARGET_RATIO = 0.5
 
 
-def seed(db: Path, sessions: int) -> list[tuple[str, str, str]]:
-    """CPs with one supplying session each: [(cp_id, session_id, driver_id)]."""
+def seed(db: Path, sessions: int, keys: dict[str, tuple[str, bytes]] | None = None) -> list[tuple[str, str, str]]:
+    """CPs with one supplying session each: [(cp_id, session_id, driver_id)]; with ``keys``
+    (filled in here) each CP also gets a key as Central's gatekeeper stores it."""
     from persistence import Repository
+    from transport import security
 
     out = []
     now = time.time()
@@ -63,15 +72,22 @@ def seed(db: Path, sessions: int) -> list[tuple[str, str, str]]:
             repo.upsert_cp(cp, f"Site {i}", 0.30)
             repo.open_session(sid, cp, drv, 0.30, now)
             repo.mark_supplying(sid, now)
+            if keys is not None:
+                keys[cp] = (security.new_key_id(), security.new_key())
+                repo.store_key(keys[cp][0], cp, keys[cp][1], now)
             out.append((cp, sid, drv))
     return out
 
 
-def produce(settings: Any, live: list[tuple[str, str, str]], records: int) -> dict[str, float]:
-    """Write the telemetry (round-robin over sessions); returns seq per session and the rate."""
+def produce(settings: Any, live: list[tuple[str, str, str]], records: int,
+            keys: dict[str, tuple[str, bytes]] | None = None) -> dict[str, float]:
+    """Write the telemetry (round-robin over sessions), sealed with ``keys`` when given; returns the rate."""
     from kafka import KafkaProducer
 
-    from transport import protocol
+    from transport import protocol, security
+
+    counter = security.MicroCounter()
+    boxes = {cp: security._Aead(key) for cp, (_kid, key) in (keys or {}).items()}
 
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap, enable_idempotence=False, acks="all",
                              linger_ms=20, batch_size=512 * 1024, max_request_size=4 * 1024 * 1024)
@@ -80,21 +96,23 @@ def produce(settings: Any, live: list[tuple[str, str, str]], records: int) -> di
     for i in range(records):
         cp, sid, drv = live[i % len(live)]
         seq = i // len(live) + 1
-        msg = protocol.ChargingData(cp_id=cp, session_id=sid, driver_id=drv, seq=seq, energy_kwh=seq * 0.002,
-                                    cost_eur=seq * 0.0006, power_kw=7.4)
+        msg: protocol.Message = protocol.ChargingData(cp_id=cp, session_id=sid, driver_id=drv, seq=seq,
+                                                      energy_kwh=seq * 0.002, cost_eur=seq * 0.0006, power_kw=7.4)
+        if keys is not None:
+            msg = security.seal(boxes[cp], cp, keys[cp][0], "engine", counter.next(), msg)
         producer.send(topic, key=cp.encode(), value=protocol.encode(msg))
     producer.flush(120)
     producer.close(5)
     return {"records_per_s": records / (time.perf_counter() - started)}
 
 
-def bare_consumer(settings: Any, records: int, timeout: float) -> dict[str, float]:
+def bare_consumer(settings: Any, records: int, timeout: float, group: str = "bench-bare") -> dict[str, float]:
     """The baseline: read every record with a plain consumer, commit after each poll."""
     from kafka import KafkaConsumer
 
     from supervisors.central_system import SESSIONS_POLL_RECORDS
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id="bench-bare", client_id="bench-bare",
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=group, client_id=group,
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              fetch_max_wait_ms=settings.fetch_max_wait_ms, max_poll_records=SESSIONS_POLL_RECORDS)
     consumer.subscribe([settings.topic("charging_session_data")])
@@ -234,6 +252,15 @@ def run(args: argparse.Namespace) -> Report:
         report.details["bare"] = base
         central = central_ingest(settings, db, live, args.records, args.timeout)
         report.details["central"] = central
+        if args.sealed:
+            ssettings = topics(broker, "ingest-sealed.")
+            sdb = rd / "central-sealed.db"
+            keys: dict[str, tuple[str, bytes]] = {}
+            slive = seed(sdb, args.sessions, keys)
+            report.details["produce_sealed"] = produce(ssettings, slive, args.records, keys)
+            report.details["bare_sealed"] = bare_consumer(ssettings, args.records, args.timeout, "bench-bare-sealed")
+            report.details["central_sealed"] = central_ingest(ssettings, sdb, slive, args.records, args.timeout,
+                                                              sealed=True)
     finally:
         broker.stop()
     ratio = central["records_per_s"] / base["records_per_s"]
@@ -248,6 +275,21 @@ def run(args: argparse.Namespace) -> Report:
     report.add(Row("ingest: Central CPU per record", central["cpu_s"] / args.records * 1e6, "µs",
                    base["cpu_s"] / args.records * 1e6, (central["cpu_s"] / args.records) / (base["cpu_s"] / args.records),
                    "", None, "process CPU (all threads) / records; baseline = bare consumer"))
+    if args.sealed:
+        sealed, sbase = report.details["central_sealed"], report.details["bare_sealed"]
+        opened = sealed["router"].get("opened", 0)
+        sok = (sealed["sessions_applied_all"] and sealed["checkpoints_durable"] and sealed["offsets_committed"]
+               and opened >= args.records and sealed["router"].get("refused", 0) == 0)
+        sratio = sealed["records_per_s"] / sbase["records_per_s"]
+        report.add(Row("ingest sealed: Central records/s (vs bare consumer of the sealed records)",
+                       sealed["records_per_s"], "rec/s", sbase["records_per_s"], sratio,
+                       f">= {TARGET_RATE:,.0f}/s and ratio >= {TARGET_RATIO}",
+                       sealed["records_per_s"] >= TARGET_RATE and sratio >= TARGET_RATIO and sok,
+                       f"security on: {opened:,} records opened (AES-256-GCM, replay counters), 0 refused"
+                       if sok else "NOT all opened/applied/durable: see details"))
+        report.add(Row("ingest sealed vs plain: Central records/s", sealed["records_per_s"], "rec/s",
+                       central["records_per_s"], sealed["records_per_s"] / central["records_per_s"], "", None,
+                       "the price of the trust boundary on Central's ingest"))
     return report
 
 
@@ -256,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=int, default=50_000)
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--timeout", type=float, default=120.0, help="bound on each consuming phase")
+    p.add_argument("--no-sealed", dest="sealed", action="store_false", help="skip the sealed (security on) phase")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     run(args).dump(args.json)

@@ -148,6 +148,7 @@ class Network:
         self.registry_ca = self.run_dir / "registry-cert.pem"  # EV_Registry makes it next to the database
         self._registry_token = secrets.token_urlsafe(32)  # the admin token: environment only, never argv or logs
         self._registry_client: Any = None
+        self._verifiers: dict[str, bytes] = {}
 
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> Network:
@@ -241,6 +242,19 @@ class Network:
             cps = [c for c in self.cps if c[0] == ident] or [(ident, ident, 0.30)] if kind == "cp" else []
             provision(self.registry(), cps, [ident] if kind == "driver" else [], self.credentials_dir)
         return path
+
+    def driver_verifier(self, driver_id: str) -> bytes | None:
+        """A registered driver's verifier (registering it first), for tools that sign as it; None when
+        security is off."""
+        if not self.secure:
+            return None
+        if driver_id not in self._verifiers:
+            from transport.security import load_credential
+
+            cred = load_credential("driver", driver_id, file=self.credential("driver", driver_id))
+            assert cred is not None
+            self._verifiers[driver_id] = cred.verifier()
+        return self._verifiers[driver_id]
 
     def start_central(self) -> Proc:
         seed = self.run_dir / "cps.csv"

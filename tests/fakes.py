@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tests.frame_client import FrameClient
-from transport import protocol
+from transport import protocol, security
 from transport.broker import TOPICS, KafkaSettings
 
 
@@ -57,8 +58,11 @@ class FakeMonitor:
 class KafkaPeer:
     """Produces to and reads from the project's topics like an outside client."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, sign_as: Callable[[str], bytes | None] | None = None) -> None:
+        """``sign_as(driver_id)``: that driver's verifier (or None), to sign what is sent on
+        ``driver_requests`` as a genuine driver app does; None sends requests unsigned."""
         self.settings = settings
+        self.sign_as = sign_as
         self.producer = KafkaProducer(bootstrap_servers=settings.bootstrap, enable_idempotence=False,
                                       linger_ms=0, max_block_ms=5000)
         self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
@@ -71,7 +75,18 @@ class KafkaPeer:
             self.consumer.position(tp)
         self.received: list[Any] = []
 
+    @classmethod
+    def of(cls, net: Any) -> KafkaPeer:
+        """A peer of a launcher Network; with its security on, it signs as the driver it speaks for
+        (registered on first use, like the launcher's own drivers)."""
+        return cls(KafkaSettings(net.bootstrap, net.spec.topic_prefix),
+                   sign_as=net.driver_verifier if net.secure else None)
+
     def send(self, topic: str, key: str, msg: Any) -> None:
+        if topic == "driver_requests" and self.sign_as is not None and not isinstance(msg, protocol.Signed):
+            verifier = self.sign_as(key)
+            if verifier is not None:
+                msg = security.sign(verifier, key, msg)
         self.producer.send(self.settings.topic(topic), key=key.encode(), value=protocol.encode(msg))
         self.producer.flush(5)
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transport import framing, protocol
+from transport import framing, protocol, security
 
 log = logging.getLogger("tests.faults")
 
@@ -630,15 +630,18 @@ class HalfFrames:
         return self
 
     def held(self) -> int:
-        """Connections the server still keeps open."""
+        """Connections the server still keeps open (what it sent before closing, an EOT say, is read
+        and dropped: only the end of the stream counts as closed)."""
         alive = 0
         for s in self.socks:
             try:
                 s.setblocking(False)
-                data = s.recv(1, socket.MSG_PEEK)
-                alive += 1 if data else 0
+                while True:
+                    data = s.recv(4096)
+                    if not data:
+                        break  # closed by the server
             except BlockingIOError:
-                alive += 1
+                alive += 1  # nothing more to read, and no end: still open
             except OSError:
                 pass
             finally:
@@ -946,13 +949,17 @@ class TopicTool:
         finally:
             consumer.close(autocommit=False)
 
-    def decoded(self, topic: str, kind: type | None = None) -> list[Any]:
-        """The records of ``topic`` that decode (optionally only messages of ``kind``)."""
+    def decoded(self, topic: str, kind: type | None = None, *, db_path: Any = None) -> list[Any]:
+        """The records of ``topic`` that decode (optionally only messages of ``kind``); with
+        ``db_path`` (Central's database), sealed records are opened with the keys Central issued."""
+        keys = central_keys(db_path) if db_path is not None else {}
         out = []
         for r in self.read_all(topic):
             try:
                 m = protocol.decode(r.value or b"")
-            except protocol.ProtocolError:
+                if isinstance(m, protocol.Sealed) and m.key_id in keys:
+                    m = security.open_sealed(keys[m.key_id], m)
+            except (protocol.ProtocolError, security.SecurityError):
                 continue
             if kind is None or isinstance(m, kind):
                 out.append(m)
@@ -1183,3 +1190,12 @@ def wait_for_supplying(db_path: str | Path, count: int) -> Callable[[], list[str
         return cps if len(cps) >= count else []
 
     return condition
+
+
+def central_keys(db_path: Any) -> dict[str, bytes]:
+    """Every CP key Central issued (any state), by key id: to read sealed records in tests."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return {k: bytes(v) for k, v in conn.execute("SELECT key_id, key FROM cp_keys")}
+    finally:
+        conn.close()

@@ -30,6 +30,20 @@ def test_three_cps_two_drivers_every_service_ends_in_a_ticket_or_a_denial(tmp_pa
         summary = net.summary()
         with Repository(net.db_path) as repo:
             states = {c.cp_id: c.state for c in repo.list_cps()}
+            audit = repo.recent_audit(1000)
+        run_dir = net.run_dir
+        central_cmd = net.procs["central"].cmd
+    # security was on (the default): every CP logged in with its credential, nothing was refused,
+    # and no secret reached a log file or a command line
+    assert "--enroll" in central_cmd and central_cmd[central_cmd.index("--enroll") + 1] == "registry"
+    events = {(a.event, a.subject) for a in audit}
+    assert {("login_ok", cp) for cp in states} <= events, sorted(events)
+    assert not {e for e, _ in events} & {"login_failed", "frame_rejected", "record_rejected", "request_denied"}
+    secrets = [json.loads(p.read_text())["secret"] for p in (run_dir / "credentials").glob("*.json")]
+    assert len(secrets) == 3 + 2
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in (run_dir / "credentials").glob("*.json"))
+    logs = b"".join(p.read_bytes() for p in run_dir.glob("*.log"))
+    assert not [s for s in secrets if s.encode() in logs], "a secret reached a log file"
     results = summary["drivers"]
     assert set(results) == {"driver1", "driver2"}
     outcomes = [s for d in results.values() for s in d["services"]]

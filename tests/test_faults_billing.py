@@ -16,24 +16,29 @@ from tests.fakes import KafkaPeer
 from tests.test_faults_crashes import assert_no_tracebacks, spec, supplied_sessions, supplying, tickets_of
 from tests.waiting import wait_until
 from transport import protocol
-from transport.broker import KafkaSettings
 
 pytestmark = pytest.mark.slow
 
 
 def rejected(net: Network, message_id: str) -> bool:
+    """Refused: at the trust boundary (security on: a stock client cannot seal it) or, without it,
+    by the ledger's own checks (tests/test_central_billing.py covers those in-process)."""
     with Repository(net.db_path) as repo:
-        return any(a.event == "completion_rejected" and message_id in a.detail for a in repo.recent_audit(500))
+        audit = repo.recent_audit(500)
+    if net.secure:
+        return any(a.event == "record_rejected" and a.subject == "MAD1" and "not sealed" in a.detail for a in audit)
+    return any(a.event == "completion_rejected" and message_id in a.detail for a in audit)
 
 
 def test_forged_completion_then_central_killed_bills_the_genuine_energy(tmp_path, broker) -> None:
-    """(a) at process level: the forgery (right session, CP and driver; 0.0001 kWh for 9,999 €) is
-    rejected and audited; Central is SIGKILLed and restarted mid-supply; the one ticket is
-    Central's figure for the energy the Engine journaled. (c): a probe's charge_request, denied
-    "CP MAD1 is SUPPLYING", sent again once the CP is free, gets that answer again, not "authorized"."""
+    """(a) at process level: the forgery (right session, CP and driver; 0.0001 kWh for 9,999 €)
+    is rejected and audited (refused unsealed at the trust boundary); Central is SIGKILLed and
+    restarted mid-supply; the one ticket is Central's figure for the energy the Engine journaled.
+    (c): a probe's charge_request, denied "CP MAD1 is SUPPLYING", sent again once the CP is free,
+    gets that answer again, not "authorized"."""
     with Network(spec(tmp_path, broker, supply_seconds=10)) as net:
         s = wait_until(lambda: supplying(net, "MAD1", 0.01), timeout=40, what="MAD1 supplying")
-        peer = KafkaPeer(KafkaSettings(net.bootstrap, net.spec.topic_prefix))
+        peer = KafkaPeer.of(net)
         try:
             forged = protocol.ChargeCompletion(cp_id="MAD1", session_id=s.session_id, driver_id=s.driver_id,
                                                energy_kwh=0.0001, cost_eur=9999.0, end_reason="unplugged")

@@ -21,7 +21,7 @@ from tests import fault_matrix
 from tests.fakes import KafkaPeer
 from tests.waiting import wait_until
 from transport import protocol
-from transport.broker import KafkaSettings, free_port
+from transport.broker import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_monitor_killed_mid_supply(tmp_path, broker) -> None:
         tickets = wait_until(lambda: tickets_of(net, s.session_id), timeout=20, what="the ticket")
         assert len(tickets) == 1 and tickets[0].end_reason == "monitor_lost" and tickets[0].energy_kwh > 0
         # no supply while the Monitor is away
-        peer = KafkaPeer(KafkaSettings(net.bootstrap, net.spec.topic_prefix))
+        peer = KafkaPeer.of(net)
         try:
             corr = uuid.uuid4().hex
             peer.send("driver_requests", "probe", protocol.ChargeRequest(driver_id="probe", cp_id="MAD1",

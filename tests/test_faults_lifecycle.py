@@ -27,7 +27,6 @@ from tests.fakes import KafkaPeer
 from tests.test_faults_crashes import assert_no_tracebacks, cp_state, spec, supplied_sessions, tickets_of
 from tests.waiting import wait_until
 from transport import protocol
-from transport.broker import KafkaSettings
 
 pytestmark = pytest.mark.slow
 
@@ -210,7 +209,7 @@ def test_stop_all_is_kept_across_a_central_restart(tmp_path, broker) -> None:
             states = {cp: cp_state(net, cp) for cp in cps}
             assert set(states.values()) == {"STOPPED"}, states
             time.sleep(0.2)
-        peer = KafkaPeer(KafkaSettings(net.bootstrap, net.spec.topic_prefix))
+        peer = KafkaPeer.of(net)
         try:
             corr = uuid.uuid4().hex
             peer.send("driver_requests", "probe", protocol.ChargeRequest(driver_id="probe", cp_id=cps[1],
@@ -254,7 +253,8 @@ def test_completion_republished_when_the_ticket_never_reached_the_engine_is_bill
             wait_until(lambda: f"no ticket from Central for supply {sid}" in engine_log.read_text(errors="replace"),
                        timeout=20, what="the Engine republishes its completion")
             with faults.TopicTool(net.bootstrap, net.spec.topic_prefix) as tool:
-                wait_until(lambda: len([c for c in tool.decoded("charging_session_complete", protocol.ChargeCompletion)
+                wait_until(lambda: len([c for c in tool.decoded("charging_session_complete", protocol.ChargeCompletion,
+                                                                        db_path=net.db_path)
                                         if c.session_id == sid]) >= 2, timeout=15, what="the completion twice in Kafka")
                 wait_until(lambda: tool.group_caught_up(net.spec.topic_prefix + "evcharging-central-sessions",
                                                         ("charging_session_data", "charging_session_complete")),

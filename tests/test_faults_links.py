@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -124,10 +125,11 @@ def _billing(net: Network) -> faults.BillingCheck:
     return faults.billing_check(net.run_dir, net.db_path)
 
 
-def _telemetry_gaps(tool: faults.TopicTool, supplies: dict) -> dict[str, list[int]]:
-    """Sequence numbers the Engines journaled but Kafka never got, per session."""
+def _telemetry_gaps(tool: faults.TopicTool, supplies: dict, db_path: Any) -> dict[str, list[int]]:
+    """Sequence numbers the Engines journaled but Kafka never got, per session (sealed records
+    are opened with the keys in Central's database)."""
     seqs: dict[str, set[int]] = {}
-    for m in tool.decoded("charging_session_data", protocol.ChargingData):
+    for m in tool.decoded("charging_session_data", protocol.ChargingData, db_path=db_path):
         seqs.setdefault(m.session_id, set()).add(m.seq)
     gaps = {}
     for sid, entry in supplies.items():
@@ -142,9 +144,9 @@ def _tickets_seen(summary: dict) -> set[str]:
     return {sid for d in summary["drivers"].values() if d for sid in d["tickets_seen"]}
 
 
-def _completions(tool: faults.TopicTool) -> dict[str, list[protocol.ChargeCompletion]]:
+def _completions(tool: faults.TopicTool, db_path: Any) -> dict[str, list[protocol.ChargeCompletion]]:
     out: dict[str, list[protocol.ChargeCompletion]] = {}
-    for m in tool.decoded("charging_session_complete", protocol.ChargeCompletion):
+    for m in tool.decoded("charging_session_complete", protocol.ChargeCompletion, db_path=db_path):
         out.setdefault(m.session_id, []).append(m)
     return out
 
@@ -182,8 +184,8 @@ def test_broker_link_cut_during_supplies_loses_nothing_and_bills_once(tmp_path, 
             with Repository(net.db_path) as repo:
                 tickets = repo.tickets()
             with faults.TopicTool(net.bootstrap, spec.topic_prefix) as tool:
-                gaps = _telemetry_gaps(tool, check.supplies)
-                completions = _completions(tool)
+                gaps = _telemetry_gaps(tool, check.supplies, net.db_path)
+                completions = _completions(tool, net.db_path)
             summary = net.summary()
             assert all(net.alive(n) for n in net.procs if not n.startswith("driver:")), \
                 {n: net.alive(n) for n in net.procs}
@@ -224,9 +226,14 @@ def test_duplicate_and_reordered_engine_records_bill_each_session_once(tmp_path,
     with later timestamps twice, then stale telemetry after it). After the
     supplies: each session has one ticket whose energy is the legit completion's
     (= the Engine's journal), Central's session totals are the completion's, and
-    replaying every completion of the topic once more changes nothing."""
+    replaying every completion of the topic once more changes nothing.
+
+    Security is off here: this is the second line of defence (Central's own dedupe and billing
+    rules) for duplicates that got past the first. With security on, the echo's copies are
+    refused as replays before they reach a session (tests/test_security_engine.py)."""
     drivers = 3  # started once the echo is in place (the spec starts none)
     spec = NetworkSpec(run_dir=tmp_path / "run", cps=3, drivers=0, services=2, broker=broker.bootstrap,
+                       security="off",
                        topic_prefix=f"dup{time.time_ns() % 10**8}.", supply_seconds=3, plug_delay=0.3, pause=0.5,
                        panel="off", tick=0.5)
     with Network(spec) as net:
@@ -249,7 +256,7 @@ def test_duplicate_and_reordered_engine_records_bill_each_session_once(tmp_path,
             tool.flush()
             first_check = _billing(net)
             before = {sid: [(t.ticket_id, t.energy_kwh) for t in ts] for sid, ts in first_check.tickets.items()}
-            completions = _completions(tool)
+            completions = _completions(tool, net.db_path)
             # the late wave is consumed when Central's group has committed past it
             wait_until(lambda: tool.group_caught_up(spec.topic_prefix + "evcharging-central-sessions",
                                                     ("charging_session_data", "charging_session_complete")),
