@@ -53,6 +53,9 @@ log = logging.getLogger("evcharging.central")
 
 ACTIVE, DISCONNECTED = CpState.ACTIVE, CpState.DISCONNECTED
 
+DEAD_AUDIT_PER_SECOND = 20
+"""At most this many ``record_rejected`` audit lines a second (the rest are counted in one line)."""
+
 CLOSING_TIMEOUT = 30.0
 """Seconds Central waits for the ticket of a session it closed itself before it may try again."""
 
@@ -245,6 +248,7 @@ class CentralActor(SupervisedActor):
         self._requests_up: float | None = None  # monotonic: when the requests pump first said PumpUp
         self._alive_at = 0.0
         self._dead_audited: dict[str, tuple[float, int]] = {}  # topic|key -> (last audited, records since)
+        self._dead_second, self._dead_spent, self._dead_held = 0, 0, 0  # the global audit budget of this second
         self._rejected: dict[str, tuple[float, int]] = {}  # link urn -> (last audit, refusals since)
         # Driver requests: signed by registered drivers unless enroll is "open" (actors/driver_auth.py)
         self._driver_auth = DriverAuth(lambda: self.repo, registry=config.enroll != "open",
@@ -642,6 +646,9 @@ class CentralActor(SupervisedActor):
         cp = self._live.get(p.session_id)
         if cp is None or p.seq <= cp.seq:
             return
+        if p.cp_id != cp.cp_id:  # sealed by another CP's key: never Central's meter of this session
+            log.warning("Ignored telemetry of session %s (CP %s) that claims CP %s", p.session_id, cp.cp_id, p.cp_id)
+            return
         cp.seq = p.seq
         cp.energy_kwh, cp.cost_eur, cp.power_kw = p.energy_kwh, p.cost_eur, p.power_kw
         if not cp.supplying and cp.session_id == p.session_id:
@@ -933,12 +940,23 @@ class CentralActor(SupervisedActor):
         now = time.monotonic()
         last, count = self._dead_audited.get(slot, (0.0, 0))
         count += 1
+        second = int(now)
+        if second != self._dead_second:  # a new second: say how many the global budget held back
+            if self._dead_held:
+                self.repo.audit("central", "*", "record_rejected",
+                                f"{self._dead_held} more rejected record(s) not audited one by one (a flood)",
+                                params={"count": self._dead_held})
+            self._dead_second, self._dead_spent, self._dead_held = second, 0, 0
         if now - last < REJECTED_AUDIT_EVERY:
             self._dead_audited[slot] = (last, count)
+        elif self._dead_spent >= DEAD_AUDIT_PER_SECOND:  # keys are the sender's choice: a global bound too
+            self._dead_held += count
+            self._dead_audited[slot] = (now, 0)
         else:
             if len(self._dead_audited) > 10_000:  # bounded: a flood of distinct keys forgets the oldest
                 self._dead_audited.pop(next(iter(self._dead_audited)))
             self._dead_audited[slot] = (now, 0)
+            self._dead_spent += 1
             self.repo.audit("central", d.key or "unknown", "record_rejected", d.reason,
                             params={"topic": d.topic, "partition": d.partition, "offset": d.offset,
                                     "component": d.component, "count": count})

@@ -17,6 +17,7 @@ before any proof is checked.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Final
@@ -104,7 +105,7 @@ class EnginePairing:
 
     def _on_request(self, link_urn: str, peer: str, cp_id: str, correlation_id: str) -> Verdict:
         address = address_of(peer)
-        if self.limiter.blocked(address):
+        if self._limited(address):
             wait = self.limiter.retry_after(address)
             return self._deny(link_urn, peer, cp_id, correlation_id,
                               f"too many failed attempts from {address}; try again in {wait:.0f} s", count=False)
@@ -120,7 +121,7 @@ class EnginePairing:
     def _on_proof(self, link_urn: str, peer: str, correlation_id: str, cp_id: str, given: str) -> Verdict:
         challenge = self._open.pop(link_urn, None)
         address = address_of(peer)
-        if self.limiter.blocked(address):
+        if self._limited(address):
             wait = self.limiter.retry_after(address)
             return self._deny(link_urn, peer, cp_id, correlation_id,
                               f"too many failed attempts from {address}; try again in {wait:.0f} s", count=False)
@@ -138,6 +139,12 @@ class EnginePairing:
         log.info("engine %s: the Monitor at %s paired (proved the CP's credential)", self.cp_id, peer)
         return Verdict(protocol.AuthResult(correlation_id=correlation_id, status="accepted"), seal=seal)
 
+    def _limited(self, address: str) -> bool:
+        """Failed pairings are limited per address, except from this host itself: the Monitor and
+        anything else local share 127.0.0.1, and a local process failing on purpose must not lock
+        the real Monitor out (whoever runs code on the CP's host owns the CP anyway)."""
+        return not _is_loopback(address) and self.limiter.blocked(address)
+
     def _deny(self, link_urn: str, peer: str, cp_id: str, correlation_id: str, reason: str, *,
               count: bool = True) -> Verdict:
         self._open.pop(link_urn, None)
@@ -148,3 +155,10 @@ class EnginePairing:
         return Verdict(protocol.AuthResult(correlation_id=correlation_id, status="denied",
                                            reason=protocol.clip(reason)),
                        close=f"pairing refused: {reason}", refused=reason)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"

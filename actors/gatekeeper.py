@@ -288,6 +288,12 @@ class GatekeeperActor(SupervisedActor):
         tell(link, Send(protocol.AuthResult(correlation_id=corr, status="accepted", key_id=key_id,
                                             wrapped_key=wrapped)))
         tell(link, Admit(cp_id, LinkSeal(cp_id, key_id, key, me="central", peer="monitor")))
+        previous = self._admitted.get(cp_id)
+        if previous is not None and previous.actor_urn != link.actor_urn:
+            # One admitted connection per CP: the newest login wins, so an older one (the CP's
+            # previous connection, or a spare someone holding the credential kept open) can
+            # never come back later under a key that has since been replaced or revoked.
+            tell(previous, Close(f"replaced by a newer login of CP {cp_id}"))
         self._admitted[cp_id] = link
         address = address_of(peer.peer)
         self.repo.audit("central", cp_id, "login_ok", f"CP {cp_id} authenticated from {address}", address=address)
@@ -300,10 +306,12 @@ class GatekeeperActor(SupervisedActor):
     def _blocked(self, peer: _Peer, cp_id: str, corr: str) -> bool:
         """Refuse (and say when to try again) if the peer's address failed too often."""
         address = address_of(peer.peer)
-        if not self.limiter.blocked(address):
+        # Counted per address and CP id: a Monitor with a wrong secret behind a NAT must not lock
+        # its neighbours out (guessing a 256-bit secret is hopeless anyway; this bounds floods).
+        if not self.limiter.blocked(_limit_key(address, cp_id)):
             return False
-        wait = max(1, round(self.limiter.retry_after(address)))
-        reason = f"too many failed attempts from {address}; try again in {wait} s"
+        wait = max(1, round(self.limiter.retry_after(_limit_key(address, cp_id))))
+        reason = f"too many failed attempts from {address} for CP {cp_id}; try again in {wait} s"
         last, quiet = self._blocked_audit.get(address, (0.0, 0))
         now = time.monotonic()
         audit = now - last >= BLOCKED_AUDIT_EVERY
@@ -329,7 +337,7 @@ class GatekeeperActor(SupervisedActor):
         tell(peer.link, Send(result))
         tell(peer.link, Close(f"authentication refused: {reason}"))
         if count:
-            self.limiter.failed(address)
+            self.limiter.failed(_limit_key(address, cp_id))
         if audit:
             self.repo.audit("central", cp_id or "unknown", "login_failed", reason, address=address,
                             params={"cp_id": cp_id, "reason": reason, **(params or {})})
@@ -369,6 +377,10 @@ class GatekeeperActor(SupervisedActor):
                 if change == "deregistered":
                     self._revoke(ident, f"CP {ident} was deregistered", "registry", deregistered=True)
                 elif change == "registered":
+                    if self.keyring.current(ident) is not None or ident in self._admitted:
+                        # Registered again: a new secret was issued, so whoever logged in with the
+                        # old one (stolen, say) is out, and its keys open nothing any more.
+                        self._revoke(ident, f"CP {ident} was issued a new secret", "registry")
                     self.directory.tell(self.central, CpRegistered(ident))
         now = time.monotonic()
         for urn, p in list(self._peers.items()):  # open mode has no connection deadline: bound the wait
@@ -380,6 +392,7 @@ class GatekeeperActor(SupervisedActor):
         if now - self._forgot_at >= FORGET_EVERY:
             self._forgot_at = now
             self.keyring.forget_ended()
+            self.repo.prune_keys(time.time() - KEEP_ENDED_KEYS)  # they open nothing any more
 
     def _revoke_deregistered_keys(self) -> None:
         for k in self.repo.usable_keys(time.time(), 0.0):
@@ -394,6 +407,15 @@ class GatekeeperActor(SupervisedActor):
             if info is not None:
                 current[cp_id] = info.key_id
         return {"waiting": len(self._peers), "current_keys": current, **self.stats}
+
+
+KEEP_ENDED_KEYS = 86_400.0
+"""Seconds a replaced or revoked key stays in the database (for the audit's sake) before it is deleted."""
+
+
+def _limit_key(address: str, cp_id: str | None) -> str:
+    """What failed attempts are counted by: the peer's host and the CP id it claimed."""
+    return f"{address}|{cp_id or '?'}"
 
 
 def retry_after_of(reason: str) -> float | None:

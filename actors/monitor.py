@@ -368,14 +368,16 @@ class MonitorActor(SupervisedActor):
                 log.warning("%s: Central did not accept our authentication: %s", self.cp_id, reason)
             case _ if side == ENGINE and not isinstance(msg, protocol.AuthChallenge) \
                     and (pending is None or pending[1] is None):
-                # The Engine answered without challenging us (a refusal or any plain frame): it has
-                # no credential (development). The link stays unsealed; Central's key stays here.
-                log.warning("%s: the Engine answered without asking for proof (it has no credential): the link to "
-                            "it is not sealed and Central's key is not handed over", self.cp_id)
+                # The Engine answered without challenging us: it has no credential, or it is not
+                # our Engine at all (anything listening on its address). A Monitor with a
+                # credential never trusts such a peer: no relaying its frames to Central under
+                # the CP's key, no commands to it. It says why and tries again later.
+                detail = msg.reason if isinstance(msg, protocol.AuthResult | protocol.ErrorMessage) else msg.TYPE
+                log.error("%s: the Engine did not ask for proof of the CP's credential (%s): it runs without it "
+                          "(give it --credential-file or EV_CP_SECRET) or it is not this CP's Engine; not "
+                          "trusting it", self.cp_id, protocol.clip(str(detail), 160))
                 self._auth[side] = None
-                self._engine_ready()
-                if not isinstance(msg, protocol.ErrorMessage | protocol.AuthResult):
-                    self._from_engine(link, msg)
+                tell(link, Close("the Engine did not pair"))
             case _:
                 log.warning("%s: ignored a %s from %s before it proved itself", self.cp_id, msg.TYPE, who)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import pykka
@@ -72,6 +73,7 @@ class SessionRouter(SupervisedActor):
         # boundary); refused: those refused at the trust boundary (unsealed, wrong or revoked key, replayed)
         self.stats = {"data": 0, "completions": 0, "orphans": 0, "unrouted_data": 0, "bad": 0, "rejected": 0,
                       "refused": 0, "opened": 0}
+        self._refused_logged_at = 0.0
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -146,8 +148,11 @@ class SessionRouter(SupervisedActor):
             return reason
         self.stats["refused"] += 1
         self.stats["rejected"] += 1
-        log.warning("refused a record on %s (key %s, partition %d, offset %d): %s", item.topic, item.key,
-                    item.partition, item.offset, reason)
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 1.0:  # a flood of forgeries must not flood the log
+            self._refused_logged_at = now
+            log.warning("refused a record on %s (key %s, partition %d, offset %d): %s (%d refused so far)",
+                        item.topic, item.key, item.partition, item.offset, reason, self.stats["refused"])
         set_aside.append(SetAside(item, f"refused: {reason}"))
         return None
 

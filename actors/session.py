@@ -54,6 +54,7 @@ class SessionActor(SupervisedActor):
         self.power_kw = 0.0
         self.duplicates = 0
         self.rejected = 0
+        self.foreign = 0  # readings naming this session from another CP (ignored)
         self.billed: TicketRecord | None = None
 
     def setup(self) -> None:
@@ -86,7 +87,7 @@ class SessionActor(SupervisedActor):
             case SessionStats():
                 return {"session_id": self.record.session_id, "last_seq": self.last_seq, "energy_kwh": self.energy_kwh,
                         "cost_eur": self.cost_eur, "duplicates": self.duplicates, "billed": self.billed is not None,
-                        "rejected": self.rejected}
+                        "rejected": self.rejected, "foreign": self.foreign}
         return None
 
     def _meter(self, records: tuple[protocol.ChargingData, ...]) -> None:
@@ -96,6 +97,14 @@ class SessionActor(SupervisedActor):
         """
         newest: protocol.ChargingData | None = None
         for data in records:
+            if data.cp_id != self.record.cp_id:
+                # Another CP's reading (sealed with that CP's own key, so genuine as far as the
+                # keyring knows) naming this session: never this session's meter.
+                self.foreign += 1
+                if self.foreign == 1 or self.foreign % 100 == 0:
+                    log.warning("Session %s at CP %s ignored %d reading(s) from CP %s", self.record.session_id,
+                                self.record.cp_id, self.foreign, data.cp_id)
+                continue
             if data.seq <= self.last_seq or self.billed is not None:
                 self.duplicates += 1
                 continue

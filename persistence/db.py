@@ -19,6 +19,7 @@ ever be used by one thread at a time (the actor that owns it).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -253,6 +254,15 @@ def open_database(path: str | Path, *, durable: bool = False) -> sqlite3.Connect
     in_memory = target == ":memory:"
     if not in_memory:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
+        # Created private: Central's database holds the registry's verifiers (enough to log in
+        # as any CP or driver) and the CP keys. An existing file keeps the mode its owner gave it
+        # and is never opened here: closing any descriptor of a database file drops every POSIX
+        # lock this process holds on it (SQLite's own connections' too), which lets another
+        # process checkpoint and delete the WAL under them.
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
     conn = sqlite3.connect(
         target,
         timeout=BUSY_TIMEOUT_MS / 1000,

@@ -334,7 +334,10 @@ def start_registry(config: RegistryConfig) -> RegistryHandle:
     try:
         uv = uvicorn.Config(app, host=config.host, port=config.port, ssl_certfile=str(cert), ssl_keyfile=str(key),
                             log_level="warning", log_config=None, access_log=False, server_header=False,
-                            lifespan="off", timeout_graceful_shutdown=3)
+                            lifespan="off", timeout_graceful_shutdown=3,
+                            # No proxy in front: X-Forwarded-For from a client must not choose the
+                            # address that rate limits and audit lines see.
+                            proxy_headers=False, forwarded_allow_ips="")
         uv.load()  # reads the certificate and key here, so a bad pair is this call's error
     except Exception as exc:
         sock.close()

@@ -351,12 +351,15 @@ def test_failed_attempts_are_limited_per_address(net: Net) -> None:
     sixth = RawCp(net.port, source="127.0.0.90")
     refusal = sixth.login("MAD1", VERIFIERS["MAD1"])
     assert refusal.status == "denied"
-    assert refusal.reason is not None and refusal.reason.startswith("too many failed attempts from 127.0.0.90; "
-                                                                    "try again in ")
+    assert refusal.reason is not None and refusal.reason.startswith("too many failed attempts from 127.0.0.90 for "
+                                                                    "CP MAD1; try again in ")
     assert sixth.closed_by_peer()
-    # Another address is not affected
+    # Another address is not affected, nor another CP behind the same address (a NAT)
     other = RawCp(net.port, source="127.0.0.91")
     assert other.login("MAD1", VERIFIERS["MAD1"]).status == "accepted"
+    neighbour = RawCp(net.port, source="127.0.0.90")
+    assert neighbour.login("MAD2", VERIFIERS["MAD2"]).status == "accepted"
+    neighbour.close()
     assert len([r for r in net.audit("login_failed") if r.address == "127.0.0.90"]) == 6
     fault_matrix.attack_row("guessing a CP's secret (6 tries from one address)", 6, 6, 0, 0)
     for c in (sixth, other):
@@ -397,10 +400,13 @@ def test_unsealed_forged_and_replayed_frames_on_an_authenticated_link_are_refuse
     cp.send(protocol.FaultNotification(cp_id="MAD2", reason="forged"), plain=True)
     refused = cp.expect(protocol.ErrorMessage)
     assert refused.reason.startswith("refused: a fault_notification that is not sealed")
-    # A replayed sealed frame (same counter): refused too
+    # The previous frame again (a retransmission after a lost ACK): dropped quietly, applied once;
+    # an older sealed frame replayed after a newer one: refused
     assert cp.seal is not None
     again = cp.seal.seal(protocol.FaultNotification(cp_id="MAD2", reason="replayed"))
     cp.client.send(protocol.encode(again))
+    cp.client.send(protocol.encode(again))
+    cp.client.send(protocol.encode(cp.seal.seal(protocol.Heartbeat(cp_id="MAD2", engine_ok=False))))
     cp.client.send(protocol.encode(again))
     assert "replayed" in cp.expect(protocol.ErrorMessage).reason
     wait_until(lambda: net.audit("frame_rejected"), what="frame_rejected audited")

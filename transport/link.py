@@ -37,7 +37,7 @@ import pykka
 from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
 from transport import framing, protocol
 from transport.reader import SocketReader, Watch, shared_reader
-from transport.security import LinkSeal, SecurityError
+from transport.security import DuplicateFrame, LinkSeal, SecurityError
 
 log = logging.getLogger("evcharging.link")
 
@@ -348,6 +348,9 @@ class FramedLink(SupervisedActor):
         if self._seal is not None:
             try:
                 message = self._seal.open(message)
+            except DuplicateFrame:
+                log.debug("%s: %s sent its previous frame again (a lost ACK): dropped", self.component, self.peer)
+                return
             except SecurityError as exc:
                 self._reject(str(exc))
                 return

@@ -588,7 +588,7 @@ class Hello:
     price_eur_kwh: Price
     # The CP's current key from Central (base64url), for sealing its Kafka records;
     # only ever sent on a sealed (paired) link. None: Central gave none (open enrolment).
-    key_id: Token | None = None
+    key_id: Id | None = None
     key: B64 | None = None
 
 
@@ -713,7 +713,7 @@ class AuthResult:
     correlation_id: Token
     status: Annotated[str, OneOf(AUTH_STATUSES)]
     reason: Reason | None = None
-    key_id: Token | None = None
+    key_id: Id | None = None
     wrapped_key: B64 | None = None
 
 
@@ -723,7 +723,7 @@ class Sealed:
 
     TYPE: ClassVar[str] = "sealed"
     cp_id: Id
-    key_id: Token
+    key_id: Id
     sender: Annotated[str, OneOf(SENDERS)]
     ctr: Seq
     nonce: B64

@@ -22,10 +22,11 @@ cannot be moved to another CP, role or position (docs/protocol.md,
 "Authentication and sealing", has the exact byte strings).
 
 Replays: a socket link (:class:`LinkSeal`) requires each direction's counter
-to grow by at least one (TCP keeps order). Kafka records
-(:meth:`Keyring.open`) must carry a counter above the highest seen for that
-key, sender and topic, unless the record sits at or before the offset where
-that highest one was read (a redelivery after a restart is not a replay).
+to grow by at least one (TCP keeps order; the very last frame again is a
+retransmission, dropped quietly). Kafka records (:meth:`Keyring.open`) must
+carry a counter above the highest seen for that key, sender and topic, unless
+the record is one this keyring opened before at that very position (partition
+and offset): a redelivery after a restart is not a replay.
 The Engine's counter is a microsecond clock, so it still grows after the
 Engine restarts with the same key.
 """
@@ -41,7 +42,7 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -49,7 +50,7 @@ from typing import Final
 from transport import protocol
 
 __all__ = [
-    "SecurityError", "Credential", "new_secret", "verifier", "load_credential", "new_nonce", "proof",
+    "SecurityError", "DuplicateFrame", "Credential", "new_secret", "verifier", "load_credential", "new_nonce", "proof",
     "check_proof", "wrap_key", "unwrap_key", "new_key", "new_key_id", "link_key", "seal", "LinkSeal",
     "Keyring", "KeyInfo", "sign", "verify_signed", "FailureLimiter", "b64e", "b64d", "open_sealed",
 ]
@@ -68,10 +69,16 @@ VERIFIER_BYTES: Final = 32
 PURPOSE_CENTRAL: Final = "central"  #: a Monitor authenticating to Central
 PURPOSE_ENGINE: Final = "engine"  #: a Monitor pairing with its Engine
 KINDS: Final = ("cp", "driver")
+#: Positions of opened records remembered per key, sender and topic, to recognise a redelivery.
+REDELIVERY_MEMORY: Final = 4096
 
 
 class SecurityError(ValueError):
     """Refused: ``str(exc)`` is the sentence to log, audit and (when safe) answer."""
+
+
+class DuplicateFrame(SecurityError):
+    """The link's previous frame again (a retransmission after a lost ACK): dropped, not an attack."""
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -313,7 +320,9 @@ class LinkSeal:
             raise SecurityError(f"a frame sealed as {env.sender} of CP {env.cp_id} with key {env.key_id} "
                                 f"on the link of CP {self.cp_id} ({self.key_id})")
         inner = _open(self._box, env)
-        if env.ctr <= self._in:
+        if env.ctr == self._in:
+            raise DuplicateFrame(f"the previous frame again (counter {env.ctr})")
+        if env.ctr < self._in:
             raise SecurityError(f"a replayed frame (counter {env.ctr}, already at {self._in})")
         self._in = env.ctr
         return inner
@@ -347,6 +356,8 @@ class Keyring:
         self._keys: dict[str, KeyInfo] = {}
         self._current: dict[str, str] = {}  # cp_id -> key_id
         self._high: dict[tuple[str, str, str], tuple[int, int, int]] = {}  # (key, sender, topic) -> ctr, part, off
+        # (key, sender, topic) -> the positions (partition, offset) of records opened, with their counter
+        self._seen: dict[tuple[str, str, str], OrderedDict[tuple[int, int], int]] = {}
         self.opened = 0
         self.rejected = 0
 
@@ -394,6 +405,7 @@ class Keyring:
             for key_id in gone:
                 del self._keys[key_id]
             self._high = {k: v for k, v in self._high.items() if k[0] in self._keys}
+            self._seen = {k: v for k, v in self._seen.items() if k[0] in self._keys}
             return len(gone)
 
     # opening
@@ -422,13 +434,19 @@ class Keyring:
             with self._lock:
                 slot = (env.key_id, env.sender, topic)
                 high = self._high.get(slot)
+                seen = self._seen.setdefault(slot, OrderedDict())
                 if high is not None and env.ctr <= high[0]:
-                    redelivered = partition == high[1] and 0 <= offset <= high[2]
-                    if not redelivered:
+                    # Only a record this keyring opened before, at this very position, is a
+                    # redelivery (the pump restarted, or the batch was handed over again).
+                    if offset < 0 or seen.get((partition, offset)) != env.ctr:
                         raise SecurityError(f"a replayed record of CP {env.cp_id} (counter {env.ctr} "
                                             f"is not above {high[0]})")
                 else:
                     self._high[slot] = (env.ctr, partition, offset)
+                    if offset >= 0:
+                        seen[(partition, offset)] = env.ctr
+                        if len(seen) > REDELIVERY_MEMORY:
+                            seen.popitem(last=False)
                 self.opened += 1
             return inner
         except SecurityError:
