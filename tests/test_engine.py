@@ -637,9 +637,21 @@ def test_cancel_supply_drops_an_unplugged_supply_and_hello_reports_the_held_sess
         system.stop()
 
 
+@pytest.fixture
+def quick_billing_engine(kafka_settings: KafkaSettings, journal_path: Path) -> Any:
+    """As ``engine``, asking Central about unbilled completions every 1 s and republishing after 4 s."""
+    system = start_engine(engine_config(kafka_settings, journal_path, billing_check=1.0, republish_after=4.0))
+    peer = connect_when_listening("127.0.0.1", engine_port(system))
+    peer.send(protocol.Hello(cp_id="CP1", price_eur_kwh=0.30))
+    wait_until(lambda: status(system)["cp_id"] == "CP1", what="hello handled")
+    yield system, peer
+    peer.close()
+    system.stop()
+
+
 def test_cancel_after_the_plug_in_ends_and_bills_and_the_ticket_stops_republishing(
-        engine, done_reader, journal_path) -> None:
-    _system, peer = engine
+        quick_billing_engine, done_reader, journal_path) -> None:
+    _system, peer = quick_billing_engine
     peer.send(authorize("S1"))
     peer.wait_for("supply_started", lambda m: m["session_id"] == "S1")
     time.sleep(0.3)
@@ -647,16 +659,16 @@ def test_cancel_after_the_plug_in_ends_and_bills_and_the_ticket_stops_republishi
     assert peer.wait_for("supply_ended", lambda m: m["session_id"] == "S1")["end_reason"] == "central_stop"
     [done] = done_reader.wait_for(lambda _: completions(done_reader, "S1"), what="completion of S1")
     assert done.energy_kwh > 0
-    # not billed yet: the Engine asks Central (billing_check, 5 s) ...
+    # not billed yet: the Engine asks Central (billing_check, 1 s here) ...
     assert peer.wait_for("billing_query", lambda m: m["session_id"] == "S1", timeout=10)["cp_id"] == "CP1"
-    # ... and republishes after republish_after (15 s): Central's ticket key makes it a replay
+    # ... and republishes after republish_after (4 s here): Central's ticket key makes it a replay
     seen: dict[str, protocol.ChargeCompletion] = {}
 
     def republished() -> bool:
         seen.update((c.message_id, c) for c in completions(done_reader, "S1"))
         return len(seen) >= 2
 
-    wait_until(republished, timeout=25, what="the republished completion")
+    wait_until(republished, timeout=15, what="the republished completion")
     assert {c.energy_kwh for c in seen.values()} == {done.energy_kwh}
     peer.send(protocol.SessionBilled(session_id="S1", cp_id="CP1"))
     def billed() -> bool:

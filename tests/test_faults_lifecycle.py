@@ -154,7 +154,7 @@ def test_central_killed_before_the_cp_answered(tmp_path, broker) -> None:
     reloaded session is resolved: the CP's heartbeat shows it (confirmed, supplied, billed once)
     or not (cancelled, no bill); the CP is free within the deadline and the driver has a
     definite answer (a ticket, or denied)."""
-    sp = spec(tmp_path, broker, supply_seconds=4, extra_driver=["--request-timeout", "30"])
+    sp = spec(tmp_path, broker, supply_seconds=4, extra_driver=["--request-timeout", "60"])
     with network(sp, slow_link=True) as (net, _proxy):
         net.start_driver("driver1")
 
