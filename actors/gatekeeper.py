@@ -279,7 +279,8 @@ class GatekeeperActor(SupervisedActor):
         """A valid login: a fresh key, stored and in the keyring, sent wrapped; then the link seals."""
         now = time.time()
         key, key_id = security.new_key(), security.new_key_id()
-        self.repo.store_key(key_id, cp_id, key, now)
+        address = address_of(peer.peer)
+        self.repo.store_key(key_id, cp_id, key, now, address=address)  # with login_ok and key_issued
         replaced = self.keyring.add(KeyInfo(key_id, cp_id, key, now))
         wrapped = security.wrap_key(verifier, cp_id, nonce, key_id, key)
         link = peer.link
@@ -295,10 +296,6 @@ class GatekeeperActor(SupervisedActor):
             # never come back later under a key that has since been replaced or revoked.
             tell(previous, Close(f"replaced by a newer login of CP {cp_id}"))
         self._admitted[cp_id] = link
-        address = address_of(peer.peer)
-        self.repo.audit("central", cp_id, "login_ok", f"CP {cp_id} authenticated from {address}", address=address)
-        self.repo.audit("central", cp_id, "key_issued", f"key {key_id} issued to CP {cp_id}", address=address,
-                        params={"key_id": key_id, "replaces": replaced.key_id if replaced else None})
         self.stats["logins"] += 1
         log.info("CP %s authenticated from %s: issued key %s%s", cp_id, address, key_id,
                  f" (replaces {replaced.key_id})" if replaced else "")

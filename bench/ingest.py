@@ -143,14 +143,16 @@ def proc_cpu_seconds_self() -> float:
 
 
 def central_ingest(settings: Any, db: Path, live: list[tuple[str, str, str]], records: int,
-                   timeout: float) -> dict[str, Any]:
+                   timeout: float, sealed: bool = False) -> dict[str, Any]:
     from actors.messages import RouterStats, SessionStats
     from supervisors.central_system import CentralSystemConfig, start_central
     from transport.kafka import GetPublisherStats
 
-    config = CentralSystemConfig(enroll="open", port=0, host=LOOPBACK, broker=settings.bootstrap, db_path=str(db),
-                                 topic_prefix=settings.topic_prefix, panel="off", console=False,
-                                 group_id="bench-central")
+    # sealed: security on; the keys were stored before this start, so they are "replaced" keys
+    # to Central (it retires every key at start) and open records within key_grace: long here.
+    config = CentralSystemConfig(enroll="registry" if sealed else "open", key_grace=3600.0, port=0, host=LOOPBACK,
+                                 broker=settings.bootstrap, db_path=str(db), topic_prefix=settings.topic_prefix,
+                                 panel="off", console=False, group_id="bench-central")
     system = start_central(config)
     try:
         deadline = time.monotonic() + timeout

@@ -168,13 +168,24 @@ class TrustMixin:
         return [(int(r), k, i, c) for r, k, i, c in rows]
 
     # ----------------------------------------------------------------- keys
-    def store_key(self, key_id: str, cp_id: str, key: bytes, issued_at: float) -> None:
-        """A new current key for ``cp_id``; its previous current key becomes replaced."""
+    def store_key(self, key_id: str, cp_id: str, key: bytes, issued_at: float, *,
+                  address: str | None = None) -> None:
+        """A new current key for ``cp_id``; its previous current key becomes replaced. With
+        ``address`` (a login), the ``login_ok`` and ``key_issued`` audit lines commit with it:
+        one durable commit per login."""
         with transaction(self._conn):
+            previous = self._conn.execute("SELECT key_id FROM cp_keys WHERE cp_id = ? AND state = 'current'",
+                                          (cp_id,)).fetchone()
             self._conn.execute("UPDATE cp_keys SET state = 'replaced', ended_at = ?, reason = 'replaced' "
                                "WHERE cp_id = ? AND state = 'current'", (issued_at, cp_id))
             self._conn.execute("INSERT INTO cp_keys (key_id, cp_id, key, issued_at, state) "
                                "VALUES (?, ?, ?, ?, 'current')", (key_id, cp_id, key, issued_at))
+            if address is not None:
+                self._audit(issued_at, "central", cp_id, "login_ok", f"CP {cp_id} authenticated from {address}",
+                            address=address)
+                self._audit(issued_at, "central", cp_id, "key_issued", f"key {key_id} issued to CP {cp_id}",
+                            address=address, params={"key_id": key_id,
+                                                     "replaces": previous[0] if previous else None})
 
     def revoke_keys(self, cp_id: str, at: float, reason: str) -> list[str]:
         """Revoke every key of ``cp_id`` that is not revoked yet; their ids."""
