@@ -33,7 +33,6 @@ import signal
 import socket
 import stat
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -278,6 +277,24 @@ def _admin_token(config: RegistryConfig) -> tuple[str, str]:
     return token, source
 
 
+def _server(config: Any) -> Any:
+    """uvicorn's server, with a ``settled`` event set once its start is over (instead of being polled)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self.settled = threading.Event()
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().startup(sockets=sockets)
+            finally:
+                self.settled.set()
+
+    return _Server(config)
+
+
 def _prepare_database(path: Path) -> None:
     """Create a missing database file private (0600: its verifiers are what proofs are keyed with;
     SQLite gives its -wal and -shm files the same mode); warn when an existing one is readable by others."""
@@ -342,7 +359,7 @@ def start_registry(config: RegistryConfig) -> RegistryHandle:
     except Exception as exc:
         sock.close()
         raise ValueError(f"cannot use the TLS certificate {cert} with the key {key}: {exc}") from exc
-    server = uvicorn.Server(uv)
+    server = _server(uv)
     failure: list[BaseException] = []
 
     def serve() -> None:
@@ -351,12 +368,12 @@ def start_registry(config: RegistryConfig) -> RegistryHandle:
         except BaseException as exc:  # uvicorn exits with SystemExit when its start fails
             failure.append(exc)
             log.error("EV_Registry's server stopped: %s", exc, exc_info=exc)
+        finally:
+            server.settled.set()  # a start that failed wakes the waiter too
 
     thread = threading.Thread(target=serve, name="registry-https", daemon=True)
     thread.start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.settled.wait(START_TIMEOUT)
     if not server.started:
         server.should_exit = True
         thread.join(2.0)
