@@ -629,6 +629,15 @@ class CentralActor(SupervisedActor):
         cp.lost_since = time.monotonic()  # no Monitor yet: the lost deadline runs until it registers
         self._start_session_actor(rec)
 
+    def _answer_reloaded(self, cp: CpView, sid: str) -> None:
+        """The CP confirmed a session Central reloaded after a restart: if the charge_request that
+        opened it was never answered (Central died waiting for the CP), answer it now, once."""
+        req = self.repo.pending_request_of(sid)
+        if req is not None and self.repo.request_authorized(sid):
+            self._to_driver(req.driver_id, protocol.ChargeResponse(
+                driver_id=req.driver_id, correlation_id=req.correlation_id, status="authorized", cp_id=cp.cp_id,
+                session_id=sid))
+
     def _on_supply_started(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.SupplyStarted) -> None:
         sid = msg.session_id
         if cp.session_id != sid:
@@ -636,7 +645,9 @@ class CentralActor(SupervisedActor):
             return
         cp.supplying = True
         cp.idle_since = None
-        self._unconfirmed.discard(sid)
+        if sid in self._unconfirmed:
+            self._unconfirmed.discard(sid)
+            self._answer_reloaded(cp, sid)
         self.directory.tell("ledger", MarkSupplying(sid, time.time()))
         self._driver_event(cp.driver_id, sid, cp.cp_id, "plugged_in", f"supplying at CP {cp.cp_id}")
         self._note(f"CP {cp.cp_id} is supplying driver {cp.driver_id}")
@@ -742,6 +753,7 @@ class CentralActor(SupervisedActor):
             if sid in self._unconfirmed:
                 self._unconfirmed.discard(sid)
                 self._note(f"CP {cp.cp_id} confirmed session {sid} after Central's restart")
+                self._answer_reloaded(cp, sid)
                 if not cp.supplying:
                     self._driver_event(cp.driver_id, sid, cp.cp_id, "authorized", f"plug in at CP {cp.cp_id}")
             return

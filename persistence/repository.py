@@ -404,6 +404,12 @@ class Repository(TrustMixin, SqliteStore):
         )
         return ChargeRequestRecord(*row) if row else None
 
+    def pending_request_of(self, session_id: str) -> ChargeRequestRecord | None:
+        """The charge_request that opened ``session_id`` while it is still unanswered, or None."""
+        row = self._one(f"SELECT {_REQUEST_COLS} FROM charge_requests WHERE session_id = ? AND status = 'pending'",
+                        (session_id,))
+        return ChargeRequestRecord(*row) if row else None
+
     def record_denial(self, driver_id: str, correlation_id: str, cp_id: str, reason: str,
                       at: float) -> ChargeRequestRecord:
         """Store a charge_request's denial (the answer about to be sent) and return the
