@@ -66,6 +66,22 @@ def test_strings_have_maximum_lengths() -> None:
     assert isinstance(ok, p.RegisterRequest) and len(ok.location or "") == 200
 
 
+def test_oversized_sealed_and_signed_envelopes_are_refused_before_anything_opens_them() -> None:
+    """A sealed frame's ciphertext and a signed request's body are bounded like any string: an
+    attacker cannot make Central base64-decode, decrypt or hash megabytes per record."""
+    sealed = {"type": "sealed", "cp_id": "MAD1", "key_id": "k1", "sender": "engine", "ctr": 1,
+              "nonce": "AAAAAAAAAAAAAAAA", "data": "A" * (p.SEALED_MAX_LEN + 1)}
+    assert (f"field 'data' of sealed must be at most {p.SEALED_MAX_LEN} characters long"
+            in refusal(sealed))
+    signed = {"type": "signed", "driver_id": "d1", "ts": 1_700_000_000.0, "sig": "AAAA",
+              "body": "{" + " " * p.SIGNED_BODY_MAX_LEN + "}"}
+    assert (f"field 'body' of signed must be at most {p.SIGNED_BODY_MAX_LEN} characters long"
+            in refusal(signed))
+    # at the bound both decode (the bound is not off by one)
+    assert isinstance(decode(json.dumps(dict(sealed, data="A" * p.SEALED_MAX_LEN)).encode()), p.Sealed)
+    assert isinstance(decode(json.dumps(dict(signed, body="x" * p.SIGNED_BODY_MAX_LEN)).encode()), p.Signed)
+
+
 def test_price_and_list_lengths_are_bounded() -> None:
     cp = {"cp_id": "MAD1", "location": "Sol", "price_eur_kwh": 100.5, "state": "ACTIVE"}
     resp = {"type": "available_cps_response", "driver_id": "d1", "correlation_id": "c1", "charging_points": [cp]}

@@ -16,6 +16,7 @@ open mode) need no broker.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -36,6 +37,7 @@ from supervisors.driver_system import SECRET_ENV, DriverConfig, driver_verifier,
 from supervisors.system import RunningSystem
 from tests import fault_matrix
 from tests.fakes import FakeMonitor, KafkaPeer
+from tests.test_dead_letters import raw_send, read_dead
 from tests.waiting import wait_until
 from transport import protocol, security
 from transport.broker import TOPICS
@@ -220,6 +222,15 @@ def test_unsigned_and_forged_driver_requests_are_denied(kafka_settings, systems,
     r = answer(peer, protocol.ChargeResponse, gone.correlation_id)
     assert r.status == "denied" and r.reason == NOT_AUTH + "driver dgone is deregistered"
     forged_attempts = 4
+
+    # 3. a signed envelope whose body is over the bound (64 KiB): refused at the edge before any
+    #    signature is computed, set aside in the dead-letter topic with the reason, never retried
+    huge = json.dumps({"type": "signed", "driver_id": "dalice", "ts": time.time(), "sig": "AAAA",
+                       "body": "x" * (protocol.SIGNED_BODY_MAX_LEN + 1)}).encode()
+    raw_send(kafka_settings, "driver_requests", [("dalice", huge)])
+    dead = read_dead(kafka_settings, "driver_requests", 1)
+    assert dead[0]["key"] == "dalice" and dead[0]["value"] == huge
+    assert f"field 'body' of signed must be at most {protocol.SIGNED_BODY_MAX_LEN} characters" in dead[0]["reason"]
 
     # nothing was created: no session, no stored answer, no driver row for strangers
     assert rows(db, "SELECT COUNT(*) FROM sessions") == 0
