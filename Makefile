@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-fast demo bench clean
+.PHONY: venv lint browser test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -20,12 +20,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+## make browser: the system package the browser test drives (Debian's chromium; Playwright cannot download one here)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the browser test (apt-get)"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null || { \
+	    echo "Could not install chromium: install it with 'apt-get install -y chromium' and run make test again"; exit 1; }; }
+
 ## make test: lint, then the whole suite (real broker, real sockets, real SQLite, real processes)
-test: lint
+test: lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make test-fast: lint, then everything but the multi-process scenarios
-test-fast: lint
+test-fast: lint browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ## make demo: a whole network on this machine, no typing needed

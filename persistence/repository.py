@@ -31,7 +31,9 @@ from persistence.records import (
     bill_cents,
     columns,
 )
+from persistence.queries import QueryMixin
 from persistence.trust import TrustMixin
+from persistence.weather import WeatherMixin
 
 __all__ = ["Repository", "Checkpoint"]
 
@@ -95,7 +97,7 @@ def _check_amount(name: str, value: float) -> float:
     return amount
 
 
-class Repository(TrustMixin, SqliteStore):
+class Repository(TrustMixin, WeatherMixin, QueryMixin, SqliteStore):
     """Central's database. Construct with a path (opens and migrates) or use
     :meth:`open`; :meth:`close` when done (also a context manager).
 
