@@ -90,6 +90,43 @@ def kafka_settings(broker: LocalBroker, request: pytest.FixtureRequest) -> Kafka
     return settings
 
 
+#: The multi-process scenarios run one at a time (one xdist group), while the in-process tests
+#: share the other worker: two fault scenarios at once on two cores would time each other out.
+HEAVY_GROUP = "processes"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group(HEAVY_GROUP))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Fault-matrix rows travel with the test's report, so the table is complete when the tests
+    run in several processes (pytest-xdist) as well as in one."""
+    outcome = yield
+    if call.when == "teardown" and _IN_WORKER:
+        from tests import fault_matrix
+
+        outcome.get_result().user_properties.extend(fault_matrix.take())
+
+
+_IN_WORKER = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _IN_WORKER
+    _IN_WORKER = hasattr(config, "workerinput")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from tests import fault_matrix
+
+    if not _IN_WORKER:  # the process that prints the table
+        fault_matrix.give(value for name, value in report.user_properties if name == fault_matrix.PROPERTY)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """Print the fault matrix (tests/fault_matrix.py) when any scenario recorded a row."""
     from tests import fault_matrix

@@ -8,6 +8,7 @@ back. Lost and double-billed must be 0 everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ROWS: list[Row] = []
@@ -64,6 +65,31 @@ def attack_row(scenario: str, attempts: int, refused: int, forged_bills: int, ta
     row = AttackRow(scenario, attempts, refused, forged_bills, takeovers, genuine_ok)
     ATTACKS.append(row)
     return row
+
+
+#: The name of the report property that carries a row from the process that ran the test.
+PROPERTY = "fault_matrix"
+_PENDING_ROWS: list[Row] = []
+_PENDING_ATTACKS: list[AttackRow] = []
+
+
+def take() -> list[tuple[str, tuple[str, dict[str, object]]]]:
+    """The rows recorded since the last call, as report properties (plain data, picklable)."""
+    out: list[tuple[str, tuple[str, dict[str, object]]]] = []
+    for kind, rows, pending in (("row", ROWS, _PENDING_ROWS), ("attack", ATTACKS, _PENDING_ATTACKS)):
+        fresh = rows[len(pending):] if len(rows) > len(pending) else []
+        pending.extend(fresh)
+        out.extend((PROPERTY, (kind, dict(vars(r)))) for r in fresh)
+    return out
+
+
+def give(values: Iterable[tuple[str, dict[str, object]]]) -> None:
+    """Rows reported by a test that ran in another process (an xdist worker), added here."""
+    for kind, fields in values:
+        if kind == "row":
+            ROWS.append(Row(**fields))  # type: ignore[arg-type]
+        else:
+            ATTACKS.append(AttackRow(**fields))  # type: ignore[arg-type]
 
 
 def render_attacks() -> str:
