@@ -7,6 +7,9 @@ Inputs, all as messages in one mailbox (so no locks and no races):
 * ``ProgressBatch`` (newest telemetry per session, one per Kafka poll) from the router;
 * ``SupplyFinished``/``SessionBilled`` from session actors;
 * ``ConsoleLine`` commands typed into Central's terminal;
+* operator and weather commands (``AdminCommand``, ``RevokeKey``, ``WeatherAlert``,
+  ``WatchLocation``, ``WeatherView``: actors/operations.py) from the console and
+  API_Central, each answered with an ``OperatorResult``;
 * its own timers: life-message check, authorisation deadlines, panel refresh.
 
 Each message type has its own handler method: ``on_receive`` dispatches
@@ -15,6 +18,10 @@ actor messages, :attr:`CentralActor.FRAME_HANDLERS` the Monitor's frames and
 
 State shown to people comes from :func:`actors.cp_state.derive_state` (the
 same rule the Monitor uses), so the panel cannot disagree with the rules.
+A CP is out of service when the operator stopped it or an active weather
+alert holds its location (``CpView.stop_reasons``, the one stop rule; the
+weather bookkeeping is :class:`actors.weather_state.WeatherBook`), and
+:meth:`CentralActor._apply_stop` is the one place that tells a CP so.
 
 After a restart (its supervisor is rest_for_one; see
 ``supervisors/central_system.py``) this actor knows only what the database
@@ -40,9 +47,23 @@ from actors.cp_state import CpState, derive_state
 from actors.driver_auth import Denial, DriverAuth, denial_answers
 from actors.gatekeeper import CpRegistered, KeysRevoked, RevokeCp
 from actors.messages import MarkSupplying, ProgressBatch, Ready, SessionBilled, SessionProgress, SupplyFinished
-from actors.panel import CpTile, PanelSnapshot, RequestRow
+from actors.operations import (  # AdminCommand is imported from here too
+    CONFLICT,
+    INVALID,
+    NOT_FOUND,
+    OK,
+    UNAVAILABLE,
+    AdminCommand,
+    OperatorResult,
+    RevokeKey,
+    WatchLocation,
+    WeatherAlert,
+    WeatherView,
+)
+from actors.panel import FAULT_MARK, OPERATOR, WEATHER, CpTile, MessageRow, PanelSnapshot, RequestRow, WeatherRow
 from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
 from actors.session import SessionActor
+from actors.weather_state import Outcome, WeatherBook, console_lines, row_dict
 from persistence import Conflict, Repository, SessionRecord
 from transport import protocol, security
 from transport.kafka import DeadLettered, Delivery, Handled, Inbound, Publish, PumpDown, PumpUp, SetAside
@@ -66,7 +87,13 @@ OPEN_WARNING = ("WARNING: enrolment is OPEN (--enroll open): CPs are not authent
                 "are not sealed; anyone who reaches Central's port can act as any CP. Development only.")
 
 CONSOLE_HELP = ("Commands: stop CP_ID | stop all | resume CP_ID | resume all | close SESSION_ID | status | "
-                "revoke CP_ID [REASON] | audit [N] | audit export PATH | enroll-driver DRIVER_ID")
+                "weather | revoke CP_ID [REASON] | audit [N] | audit export PATH | enroll-driver DRIVER_ID")
+
+MESSAGES_KEPT = 100
+"""Application messages a panel snapshot carries (the newest; each has a seq, so the API sees which are new)."""
+
+OPERATOR_STOP = "stopped by Central"
+"""The stop_cp reason of an operator's stop (a weather stop says ``weather: <location> <temp> °C``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +132,8 @@ class CpView:
     link: pykka.ActorRef[Any] | None = None
     last_heartbeat: float = 0.0
     engine_ok: bool | None = None
-    stopped: bool = False
+    stopped: bool = False  # by the operator (stored)
+    weather: str | None = None  # the key of the weather alert holding its location (WeatherBook.hold_of)
     session_id: str | None = None
     driver_id: str | None = None
     supplying: bool = False
@@ -126,11 +154,17 @@ class CpView:
         self.session_id, self.driver_id = session_id, driver_id
         self.ended = self.idle_since = self.lost_since = None
 
+    @property
+    def stop_reasons(self) -> tuple[str, ...]:
+        """The one stop rule: out of service when the operator stopped it or a weather alert
+        holds its location (both may hold; the CP is back in service when neither does)."""
+        return (OPERATOR,) * self.stopped + (WEATHER,) * (self.weather is not None)
+
     def derive(self, now: float, life_timeout: float) -> CpState:
         """Connected means: a Monitor link and a life message within ``life_timeout``."""
         connected = self.link is not None and now - self.last_heartbeat <= life_timeout
         return derive_state(connected=connected, engine_ok=self.engine_ok, supplying=self.supplying,
-                            stopped=self.stopped)
+                            stopped=bool(self.stop_reasons))
 
 
 @dataclass(slots=True)
@@ -201,14 +235,6 @@ class ExportAudit:
     who: str = "api"
 
 
-@dataclass(frozen=True, slots=True)
-class AdminCommand:
-    """Stop or resume one CP (``cp_id``) or all of them (``cp_id=None``)."""
-
-    action: str  # "stop" | "resume"
-    cp_id: str | None = None
-
-
 class CentralActor(SupervisedActor):
     """See the module docstring."""
 
@@ -231,7 +257,11 @@ class CentralActor(SupervisedActor):
         self._by_link: dict[str, str] = {}  # link urn -> cp_id
         self._pending: dict[str, _Pending] = {}  # authorize correlation id -> pending
         self._live: dict[str, CpView] = {}  # session id -> its CP
-        self._messages: deque[str] = deque(maxlen=12)
+        self._messages: deque[MessageRow] = deque(maxlen=MESSAGES_KEPT)
+        # Starts at the clock in µs, so a restarted actor's messages still come after the last
+        # run's (a consumer keeping the highest seq it saw misses none); +1 for each message.
+        self._message_seq = time.time_ns() // 1000
+        self._weather = WeatherBook(lambda: self.repo)
         self._ticker: Ticker | None = None
         self._dirty = True
         self._cancels: dict[str, _Cancel] = {}  # session id -> cancel the CP must confirm
@@ -258,12 +288,16 @@ class CentralActor(SupervisedActor):
     def setup(self) -> None:
         self._repo = Repository(self.config.db_path)
         self.repo.set_all_cp_states(DISCONNECTED)
+        self._weather.load()  # an alert active before a restart still holds its CPs
         for rec in self.repo.list_cps():  # with the operator's stored stop decisions
-            self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped)
+            self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped,
+                                         weather=self._weather.hold_of(rec.location))
         reloaded = self.repo.live_sessions()
         for s in reloaded:
             self._adopt_session(s)
         self._note(f"Central started: {len(self.cps)} CPs loaded, {len(reloaded)} live sessions reloaded")
+        for place in self._weather.alerts():
+            self._note(f"Weather alert at {place.location} still active: its CPs stay out of service")
         if self.config.enroll == "open":
             log.warning("%s", OPEN_WARNING)
             self._note(OPEN_WARNING)
@@ -331,8 +365,17 @@ class CentralActor(SupervisedActor):
                 self._on_console(text)
             case CloseSession(sid, who):
                 return self._close_command(sid, who)
-            case AdminCommand(action, cp_id):
-                return self._admin(action, cp_id)
+            case AdminCommand(action, cp_id, who):
+                return self._admin(action, cp_id, who)
+            case RevokeKey(cp_id, reason, who):
+                return self._revoke_command(cp_id, reason, who)
+            case WeatherAlert(location, temperature_c, alert, error, who):
+                return self._on_weather(self._weather.report(location, temperature_c, alert, error, who))
+            case WatchLocation(location, watch, who):
+                self._operator("watch" if watch else "unwatch", who, location=protocol.clip(str(location), 80))
+                return self._on_weather(self._weather.watch(location, watch, who))
+            case WeatherView():
+                return [row_dict(r) for r in self._weather_rows()]
             case EnrollDriver(driver_id, who):
                 return self._enroll_driver(driver_id, who)
             case ExportAudit(path, who):
@@ -383,7 +426,7 @@ class CentralActor(SupervisedActor):
     def _on_fault(self, cp: CpView, _link: pykka.ActorRef[Any], msg: protocol.FaultNotification) -> None:
         cp.engine_ok = False
         cp.fault = msg.reason
-        self._note(f"CP {cp.cp_id} reported a fault: {msg.reason}")
+        self._note(f"CP {cp.cp_id} reported a fault: {msg.reason}", fault=True)
         if cp.session_id:
             self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
                                f"CP {cp.cp_id} reported a fault: {msg.reason}")
@@ -449,7 +492,7 @@ class CentralActor(SupervisedActor):
                                                       reason=refusal)))
             self.repo.audit("central", req.cp_id, "register_refused", refusal,
                             params={"cp_id": req.cp_id, "principal": principal})
-            self._note(f"Refused registration of {req.cp_id}: {refusal}")
+            self._note(f"Refused registration of {req.cp_id}: {refusal}", fault=True)
             tell(link, Close(f"registration refused: {refusal}"))
             return
         if rec is None:
@@ -459,7 +502,8 @@ class CentralActor(SupervisedActor):
             self._note(f"Enrolled new CP {req.cp_id} at {rec.location}, {rec.price_eur_kwh:.2f} €/kWh")
         cp = self.cps.get(rec.cp_id)
         if cp is None:
-            cp = self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh)
+            cp = self.cps[rec.cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh,
+                                              weather=self._weather.hold_of(rec.location))
         if cp.link is not None and cp.link.actor_urn != link.actor_urn:
             old = cp.link
             self._by_link.pop(old.actor_urn, None)
@@ -469,8 +513,8 @@ class CentralActor(SupervisedActor):
         self._by_link[link.actor_urn] = cp.cp_id
         tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
                                                  price_eur_kwh=cp.price, location=cp.location)))
-        if cp.stopped:
-            tell(link, Send(protocol.StopCp(reason="stopped by Central")))
+        if cp.stop_reasons:  # out of service (operator, weather): it learns so at once
+            tell(link, Send(protocol.StopCp(reason=self._stop_reason(cp))))
         self._note(f"CP {cp.cp_id} registered ({cp.location})")
         self._refresh(cp)
 
@@ -485,7 +529,7 @@ class CentralActor(SupervisedActor):
         if cp is None or cp.link is None or cp.link.actor_urn != link.actor_urn:
             return
         cp.link = None
-        self._note(f"CP {cp.cp_id} lost its Monitor ({reason})")
+        self._note(f"CP {cp.cp_id} lost its Monitor ({reason})", fault=True)
         if cp.session_id:
             self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
                                f"CP {cp.cp_id} lost its monitor; if it is not back soon the supply ends "
@@ -505,7 +549,8 @@ class CentralActor(SupervisedActor):
             self._refresh(cp, now)
             lost = lost or cp.state == DISCONNECTED
             if cp.state == DISCONNECTED and cp.link is not None:
-                self._note(f"CP {cp.cp_id} missed its life messages for {self.config.life_timeout:g} s: DISCONNECTED")
+                self._note(f"CP {cp.cp_id} missed its life messages for {self.config.life_timeout:g} s: DISCONNECTED",
+                           fault=True)
                 if cp.session_id:
                     self._driver_event(cp.driver_id, cp.session_id, cp.cp_id, "fault",
                                        f"CP {cp.cp_id} stopped answering; you will get the ticket when it reports")
@@ -513,7 +558,9 @@ class CentralActor(SupervisedActor):
         if self._dirty and (lost or now >= self._next_snapshot):
             self._dirty = False
             self._next_snapshot = now + self.config.panel_interval - 0.01
-            self.directory.tell("panel", self._snapshot())
+            snap = self._snapshot()
+            self.directory.tell("panel", snap)
+            self.directory.tell("web", snap)  # API_Central's event stream, when it runs
 
     def _refresh(self, cp: CpView, now: float | None = None) -> None:
         state = cp.derive(time.monotonic() if now is None else now, self.config.life_timeout)
@@ -1096,6 +1143,9 @@ class CentralActor(SupervisedActor):
                          f"session {c.session_id}" if c.session_id else "")
         elif command == "revoke" and args:
             self._revoke_command(args[0], " ".join(args[1:]), "console")
+        elif command == "weather" and not args:
+            for line in console_lines(self._weather_rows()):
+                self._say(line)
         elif command == "audit" and len(args) == 2 and args[0] == "export":
             self._say(self._export_audit(args[1], "console"))
         elif command == "audit" and len(args) <= 1 and (not args or args[0].isdigit()):
@@ -1114,18 +1164,24 @@ class CentralActor(SupervisedActor):
         """An answer to the operator: in the log and among the panel's messages."""
         self._note(text)
 
-    def _revoke_command(self, cp_id: str, reason: str, who: str) -> str:
+    def _revoke_command(self, cp_id: str, reason: str, who: str) -> OperatorResult:
         """``revoke CP_ID [REASON]``: the gatekeeper revokes every key of the CP and closes its link;
         the CP is out of service until its Monitor authenticates again (automatically)."""
+        cp_id, reason = protocol.clip(cp_id, protocol.ID_MAX_LEN), protocol.clip(" ".join(reason.split()), 200)
         self._operator("revoke", who, cp_id=cp_id, reason=reason or None)
-        if cp_id not in self.cps and self.repo.credential("cp", cp_id) is None:
-            self._say(f"Cannot revoke: unknown CP {cp_id}")
-            return f"unknown CP {cp_id}"
+        if cp_id not in self.cps and (not protocol.is_id(cp_id) or self.repo.credential("cp", cp_id) is None):
+            return self._result(NOT_FOUND, f"Cannot revoke: there is no CP {cp_id}.")
         why = "key revoked by the operator" + (f": {reason}" if reason else "")
         if not self.directory.tell("gatekeeper", RevokeCp(cp_id, why, "operator")):
-            self._say(f"Cannot revoke the keys of CP {cp_id} now: the gatekeeper is restarting; try again")
-            return "the gatekeeper is not running"
-        return f"revoking the keys of CP {cp_id}"
+            return self._result(UNAVAILABLE, f"Cannot revoke the keys of CP {cp_id} now: the gatekeeper is "
+                                             "restarting; try again.")
+        return self._result(OK, f"Revoking the keys of CP {cp_id}: it is out of service until its Monitor "
+                                "authenticates again.", (cp_id,))
+
+    def _result(self, status: str, text: str, cp_ids: tuple[str, ...] = ()) -> OperatorResult:
+        """An operator command's answer, also among the panel's messages (and so in the log)."""
+        self._say(text)
+        return OperatorResult(status, text, cp_ids)
 
     def _on_keys_revoked(self, msg: KeysRevoked) -> None:
         """The gatekeeper revoked a CP's keys (the operator, or a deregistration): close its link."""
@@ -1144,9 +1200,11 @@ class CentralActor(SupervisedActor):
             return
         cp = self.cps.get(cp_id)
         if cp is None:
-            self.cps[cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped)
+            self.cps[cp_id] = CpView(rec.cp_id, rec.location, rec.price_eur_kwh, stopped=rec.stopped,
+                                     weather=self._weather.hold_of(rec.location))
         elif cp.session_id is None:
             cp.location, cp.price = rec.location, rec.price_eur_kwh
+            self._apply_stop(cp, cp.stopped, self._weather.hold_of(cp.location))  # a new location, maybe frozen
         self._say(f"CP {cp_id} was registered ({rec.location}, {rec.price_eur_kwh:.2f} €/kWh)")
 
     def _on_rejected(self, link: pykka.ActorRef[Any], peer: str, reason: str, principal: str | None) -> None:
@@ -1163,7 +1221,7 @@ class CentralActor(SupervisedActor):
         self.repo.audit("central", cp_id, "frame_rejected", reason, address=address_of(peer) if peer != "?" else None,
                         params={"reason": reason, "count": count})
         if count == 1 or now - last > 60:
-            self._note(f"Refused a frame from CP {cp_id}: {protocol.clip(reason, 160)}")
+            self._note(f"Refused a frame from CP {cp_id}: {protocol.clip(reason, 160)}", fault=True)
 
     def _show_audit(self, n: int) -> None:
         """``audit [N]``: the latest N audit lines, oldest first, readable."""
@@ -1201,26 +1259,83 @@ class CentralActor(SupervisedActor):
         self._say(f"Driver {driver_id} enrolled (its secret was shown once on the console)")
         return secret
 
-    def _admin(self, action: str, cp_id: str | None, who: str = "api") -> str:
+    def _admin(self, action: str, cp_id: str | None, who: str = "api") -> OperatorResult:
+        """The operator's stop/resume of one CP or all (console and API alike), stored across
+        restarts. A stop of a supplying CP ends its supply at the CP (stop_cp), billed as usual.
+        A resume clears the operator's stop only: a CP an active weather alert holds stays
+        STOPPED (CONFLICT for one CP; for all, the sentence names how many stay out)."""
+        if cp_id is not None:
+            cp_id = protocol.clip(cp_id, protocol.ID_MAX_LEN)
         self._operator(action, who, cp_id=cp_id or "all")
-        targets = list(self.cps.values()) if cp_id is None else [self.cps[cp_id]] if cp_id in self.cps else []
-        if not targets:
-            log.info("Unknown CP %s", cp_id)
-            return f"unknown CP {cp_id}"
-        self.repo.set_cp_stopped(None if cp_id is None else [cp_id], action == "stop")  # kept across restarts
+        if action not in ("stop", "resume"):
+            return self._result(INVALID, f"Unknown operator action {protocol.clip(action, 20)!r}: stop or resume.")
+        if cp_id is not None and cp_id not in self.cps:
+            return self._result(NOT_FOUND, f"There is no CP {cp_id}.")
+        stop = action == "stop"
+        targets = list(self.cps.values()) if cp_id is None else [self.cps[cp_id]]
+        self.repo.set_cp_stopped(None if cp_id is None else [cp_id], stop)  # kept across restarts
         for cp in targets:
-            cp.stopped = action == "stop"
-            if cp.link is not None:
-                tell(cp.link, Send(protocol.StopCp(reason="stopped by Central") if cp.stopped else protocol.ResumeCp()))
-            self._refresh(cp)
-        what = "all CPs" if cp_id is None else f"CP {cp_id}"
-        self._note(f"{'Stopped' if action == 'stop' else 'Resumed'} {what}")
-        return "ok"
+            self._apply_stop(cp, stop, cp.weather)
+        ids = tuple(cp.cp_id for cp in targets)
+        held = [cp.weather for cp in targets if cp.weather is not None]
+        if stop:
+            return self._result(OK, f"Stopped {'all CPs' if cp_id is None else f'CP {cp_id}'} (out of service).", ids)
+        if cp_id is not None and held:
+            return self._result(CONFLICT, f"CP {cp_id} stays out of service: weather alert at "
+                                          f"{self._weather.name(held[0])}.", ids)
+        if held:
+            return self._result(OK, f"Resumed all CPs; {len(held)} stay out of service under a weather alert "
+                                    f"({', '.join(sorted({self._weather.name(k) for k in held})[:5])}).",
+                                tuple(cp.cp_id for cp in targets if cp.weather is None))
+        return self._result(OK, f"Resumed {'all CPs' if cp_id is None else f'CP {cp_id}'} (back in service).", ids)
+
+    def _apply_stop(self, cp: CpView, stopped: bool, weather: str | None) -> bool:
+        """The one place a CP's stop decision changes (operator: ``stopped``; a weather alert:
+        ``weather``, the key of the alert holding it, or None). The CP hears of it when it is
+        taken out of service or put back (stop_cp ends a running supply at the CP, as an
+        operator's stop always has); nothing is sent when it stays as it was. True: it changed."""
+        was = bool(cp.stop_reasons)
+        cp.stopped, cp.weather = stopped, weather
+        now = bool(cp.stop_reasons)
+        if was != now and cp.link is not None:
+            tell(cp.link, Send(protocol.StopCp(reason=self._stop_reason(cp)) if now else protocol.ResumeCp()))
+        self._refresh(cp)
+        return was != now
+
+    def _stop_reason(self, cp: CpView) -> str:
+        """What a stop_cp says: the weather alert's location and temperature, or the operator's stop."""
+        return self._weather.stop_reason(cp.weather) or OPERATOR_STOP
+
+    # --- weather (EV_W) ---------------------------------------------------------------
+    def _on_weather(self, outcome: Outcome | OperatorResult) -> OperatorResult:
+        """A reading (WeatherAlert: idempotent) or a watch change: when a location's alert changed,
+        re-apply the stop rule to the CPs there; say what happened (refusals come as results)."""
+        if isinstance(outcome, OperatorResult):
+            return outcome
+        acted: list[str] = []
+        if outcome.alert_changed:
+            key = outcome.place.key
+            for cp in self.cps.values():
+                hold = self._weather.hold_of(cp.location)
+                if hold != cp.weather and key in (hold, cp.weather) and self._apply_stop(cp, cp.stopped, hold):
+                    acted.append(cp.cp_id)
+        text = outcome.summary(acted)
+        if outcome.noted:
+            self._note(text, fault=outcome.fault)
+        self._dirty = True  # a new reading at least: the weather rows of the next snapshot
+        return OperatorResult(OK, text, tuple(sorted(acted)))
+
+    def _weather_rows(self) -> tuple[WeatherRow, ...]:
+        return self._weather.rows((c.cp_id, c.location) for c in self.cps.values())
 
     # --- views ---------------------------------------------------------------------
-    def _note(self, text: str) -> None:
-        log.info(text)
-        self._messages.append(time.strftime("%H:%M:%S ") + text)
+    def _note(self, text: str, *, fault: bool | None = None) -> None:
+        """An application message: in the log and the panel (``fault``: shown as a failure;
+        by default, a text marked FAULT_MARK). Each gets the next ``seq`` of this run."""
+        fault = FAULT_MARK in text if fault is None else fault
+        (log.warning if fault else log.info)("%s", text)
+        self._message_seq += 1
+        self._messages.append(MessageRow(self._message_seq, time.time(), text, fault))
         self._dirty = True
 
     def _status(self) -> dict[str, dict[str, Any]]:
@@ -1231,21 +1346,21 @@ class CentralActor(SupervisedActor):
             out[c.cp_id] = {"state": c.state, "location": c.location, "price_eur_kwh": c.price,
                             "session_id": c.session_id, "driver_id": c.driver_id, "energy_kwh": c.energy_kwh,
                             "cost_eur": c.cost_eur, "power_kw": c.power_kw, "connected": c.link is not None,
-                            "stopped": c.stopped, "fault": c.fault}
+                            "stopped": c.stopped, "stop_reasons": list(c.stop_reasons), "fault": c.fault}
         return out
 
     def _snapshot(self) -> PanelSnapshot:
         tiles = tuple(
             CpTile(c.cp_id, c.location, c.price, c.state, c.driver_id if c.supplying else None,
                    c.power_kw if c.supplying else 0.0, c.energy_kwh if c.supplying else 0.0,
-                   c.cost_eur if c.supplying else 0.0, c.fault)
+                   c.cost_eur if c.supplying else 0.0, c.fault, c.stop_reasons, c.session_id)
             for c in sorted(self.cps.values(), key=lambda c: c.cp_id))
         rows = [RequestRow(p.started, p.driver_id, p.cp_id, "waiting for CP") for p in self._pending.values()]
         for sid, cp in self._live.items():
             if not any(p.session_id == sid for p in self._pending.values()) and cp.driver_id:
                 rows.append(RequestRow(self._started.get(sid), cp.driver_id, cp.cp_id,
                                        "supplying" if cp.supplying else "authorised"))
-        return PanelSnapshot(tiles, tuple(rows), tuple(self._messages), time.time())
+        return PanelSnapshot(tiles, tuple(rows), tuple(self._messages), time.time(), self._weather_rows())
 
     #: One handler per Monitor message type (after registration).
     FRAME_HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {

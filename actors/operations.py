@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["OperatorResult", "RevokeKey", "WeatherAlert", "WatchLocation", "WeatherView", "OK", "NOT_FOUND",
-           "CONFLICT", "UNAVAILABLE", "INVALID"]
+__all__ = ["AdminCommand", "OperatorResult", "RevokeKey", "WeatherAlert", "WatchLocation", "WeatherView", "OK",
+           "NOT_FOUND", "CONFLICT", "UNAVAILABLE", "INVALID"]
 
 OK, NOT_FOUND, CONFLICT, UNAVAILABLE, INVALID = "ok", "not_found", "conflict", "unavailable", "invalid"
 
@@ -28,6 +28,18 @@ class OperatorResult:
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+
+@dataclass(frozen=True, slots=True)
+class AdminCommand:
+    """Stop or resume one CP (``cp_id``) or all of them (``cp_id=None``). Console:
+    ``stop|resume CP_ID|all``. A stop ends a running supply at the CP (billed as usual); a
+    resume clears the operator's stop only: a CP an active weather alert holds stays STOPPED
+    (CONFLICT for one CP). Also importable from actors.central."""
+
+    action: str  # "stop" | "resume"
+    cp_id: str | None = None
+    who: str = "api"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,4 +76,7 @@ class WatchLocation:
 
 @dataclass(frozen=True, slots=True)
 class WeatherView:
-    """Ask: the weather Central knows, a list of dicts (see docs/api.md, ``GET /api/weather``)."""
+    """Ask: the weather Central knows, a list of dicts (see docs/api.md, ``GET /api/weather``):
+    ``location, temperature_c, alert, error, updated_at, watched, cp_ids`` (a list), by location.
+    The same rows travel in every ``PanelSnapshot.weather`` (actors/panel.py ``WeatherRow``).
+    Watched locations (``GET /api/weather/locations``) are the rows with ``watched`` true."""

@@ -1,4 +1,4 @@
-"""Central's live panel: one tile per CP, the ongoing requests, the messages.
+"""Central's live panel: one tile per CP, the ongoing requests, the messages, the weather.
 
 Central tells the :class:`PanelActor` an immutable :class:`PanelSnapshot`
 whenever something changed (at most a few times a second); the actor only
@@ -14,6 +14,11 @@ says how many are not shown), redraws only when a snapshot arrives, and
 never more often than its own drawing cost allows: it must not starve
 Central of the CPU.
 ``--panel text`` and :func:`render_text` still show every tile.
+
+The snapshot is also what API_Central serves (Central tells every snapshot to
+"panel" and to "web"): :class:`MessageRow` carries a ``seq`` that grows by one
+for every message Central notes, so a consumer can tell which rows are new;
+:class:`WeatherRow` is one location EV_W reports on.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from rich.text import Text
 
 from actors.runtime import SupervisedActor, Supervision
 
-#: A message line containing this is a fault (Central writes "FAULT: ..."), shown in red.
+#: Central notes a message containing this as a fault (MessageRow.fault: shown in red), e.g. "FAULT: ...".
 FAULT_MARK = "FAULT:"
 
 STYLE = {
@@ -46,8 +51,18 @@ STYLE = {
 }
 
 
+#: Why a CP is out of service (CpTile.stop_reasons): the operator stopped it, a weather alert holds it.
+OPERATOR, WEATHER = "operator", "weather"
+
+#: Messages the panel draws (the newest); a snapshot carries more (see CentralActor).
+PANEL_MESSAGES = 12
+
+
 @dataclass(frozen=True, slots=True)
 class CpTile:
+    """One CP as people see it. ``stop_reasons``: why it is out of service (OPERATOR, WEATHER;
+    empty when it is not), also while a supply it was told to stop still runs."""
+
     cp_id: str
     location: str
     price_eur_kwh: float
@@ -57,6 +72,8 @@ class CpTile:
     energy_kwh: float = 0.0
     cost_eur: float = 0.0
     fault: str | None = None
+    stop_reasons: tuple[str, ...] = ()
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +85,44 @@ class RequestRow:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageRow:
+    """An application message. ``seq`` grows by one for every message Central notes (a consumer
+    keeps the highest it has seen: the rows above it are new); it starts from the clock in µs
+    when Central's actor starts, so it keeps growing across restarts (below 2**53: exact in
+    JSON). ``at`` is Unix time; ``text`` has no time stamp; ``fault``: something failed (a
+    module, a CP, a record), shown in red."""
+
+    seq: int
+    at: float
+    text: str
+    fault: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WeatherRow:
+    """One location EV_W reports on. ``alert``: at or below 0 °C, its CPs are out of service.
+    ``error``: the provider's last failure (the alert state stays as it was). ``updated_at``:
+    Unix time of the last report (None: never). ``watched``: in EV_W's list of locations.
+    ``cp_ids``: the CPs at that location (docs/api.md, "Weather")."""
+
+    location: str
+    temperature_c: float | None
+    alert: bool
+    error: str | None
+    updated_at: float | None
+    watched: bool
+    cp_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PanelSnapshot:
+    """Everything the panel shows, immutable. ``messages``: oldest first (newest last)."""
+
     tiles: tuple[CpTile, ...]
     requests: tuple[RequestRow, ...]
-    messages: tuple[str, ...]
+    messages: tuple[MessageRow, ...]
     at: float
+    weather: tuple[WeatherRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +137,8 @@ class LastSnapshot:
 
 def _tile(t: CpTile) -> Panel:
     style, label = STYLE.get(t.state, ("white", t.state))
+    if t.state == "STOPPED" and WEATHER in t.stop_reasons:
+        label += " (weather)"
     lines = [Text(t.location, overflow="ellipsis"), Text(f"{t.price_eur_kwh:.2f} €/kWh"), Text(label, style="bold")]
     if t.state == "SUPPLYING":
         lines += [Text(f"{t.power_kw:.1f} kW"), Text(f"{t.energy_kwh:.3f} kWh"), Text(f"{t.cost_eur:.2f} €"),
@@ -100,9 +152,10 @@ def _tile(t: CpTile) -> Panel:
 ATTENTION = {"BROKEN": 0, "DISCONNECTED": 1, "STOPPED": 2, "SUPPLYING": 3, "ACTIVE": 4}
 TILE_WIDTH, TILE_HEIGHT = 27, 9  # a SUPPLYING tile: 7 lines of text and its border
 LIVE_ROWS = 8  # request rows the live panel shows (the newest)
+LIVE_WEATHER = 4  # weather lines the live panel shows (alerts first)
 
 
-def tiles_that_fit(width: int, height: int, reserved: int = 22) -> int:
+def tiles_that_fit(width: int, height: int, reserved: int = 27) -> int:
     """How many tiles a ``width`` × ``height`` terminal shows next to the tables (at least one row)."""
     per_row = max(1, width // TILE_WIDTH)
     return per_row * max(1, (height - reserved) // TILE_HEIGHT)
@@ -127,10 +180,12 @@ def render(s: PanelSnapshot, max_tiles: int | None = None) -> Group:
         at = time.localtime(r.started_at) if r.started_at else None
         requests.add_row(time.strftime("%d/%m/%y", at) if at else "", time.strftime("%H:%M:%S", at) if at else "",
                          r.driver_id, r.cp_id, r.status)
-    lines = Text("\n".join(s.messages) or "—")
+    shown_messages = s.messages[-PANEL_MESSAGES:]
+    texts = [time.strftime("%H:%M:%S ", time.localtime(m.at)) + m.text for m in shown_messages]
+    lines = Text("\n".join(texts) or "—")
     start = 0
-    for line in s.messages:  # faults (e.g. a record set aside in a dead-letter topic) in red
-        if FAULT_MARK in line:
+    for m, line in zip(shown_messages, texts, strict=True):  # faults (a CP, a module, a record set aside) in red
+        if m.fault:
             lines.stylize("bold red", start, start + len(line))
         start += len(line) + 1
     messages = Panel(lines, title="Application messages", title_align="left")
@@ -139,7 +194,31 @@ def render(s: PanelSnapshot, max_tiles: int | None = None) -> Group:
     summary = f"{len(s.tiles)} CPs: " + " · ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     if len(shown) < len(s.tiles):
         summary += f"   (showing {len(shown)}; {len(s.tiles) - len(shown)} more do not fit — --panel text lists all)"
-    return Group(header, Text(summary), tiles, requests, messages)
+    return Group(header, Text(summary), tiles, requests,
+                 _weather(s.weather, None if max_tiles is None else LIVE_WEATHER), messages)
+
+
+def _weather(rows: tuple[WeatherRow, ...], limit: int | None) -> Text:
+    """One line per location: its temperature, ALERT (in red) or error, and how many CPs it holds.
+    With ``limit`` (the live panel) at most that many lines, alerts and errors first."""
+    if not rows:
+        return Text("Weather: no locations reported")
+    shown = rows
+    if limit is not None and len(rows) > limit:
+        shown = tuple(sorted(rows, key=lambda w: (not w.alert, w.error is None))[:limit])
+    out = Text("Weather:" + (f" (the first {len(shown)} of {len(rows)} locations)" if len(shown) < len(rows)
+                             else ""), style="bold")
+    for w in shown:
+        temp = "?" if w.temperature_c is None else f"{w.temperature_c:.1f} °C"
+        line = Text(f"\n  {w.location}: {temp}")
+        if w.alert:
+            line.append(f"  ALERT: {len(w.cp_ids)} CP(s) out of service", style="bold red")
+        if w.error:
+            line.append(f"  (provider error: {w.error})", style="dark_orange")
+        if not w.watched:
+            line.append("  (not watched)")
+        out.append_text(line)
+    return out
 
 
 def render_text(s: PanelSnapshot, width: int = 120) -> str:

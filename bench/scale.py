@@ -165,12 +165,12 @@ def render_cost(n: int, live: bool = True) -> float:
 
     from rich.console import Console
 
-    from actors.panel import CpTile, PanelSnapshot, RequestRow, render, tiles_that_fit
+    from actors.panel import CpTile, MessageRow, PanelSnapshot, RequestRow, render, tiles_that_fit
 
     tiles = tuple(CpTile(f"SIM{i:04d}", f"Simulated SIM{i:04d}", 0.30, "SUPPLYING", f"drv-SIM{i:04d}", 7.4, 1.234, 0.37)
                   for i in range(n))
     rows = tuple(RequestRow(time.time(), f"drv-SIM{i:04d}", f"SIM{i:04d}", "supplying") for i in range(n))
-    snapshot = PanelSnapshot(tiles, rows, ("12:00:00 a message",) * 12, time.time())
+    snapshot = PanelSnapshot(tiles, rows, tuple(MessageRow(i, time.time(), "a message") for i in range(12)), time.time())
     console = Console(file=io.StringIO(), width=200, height=60, color_system=None)
     started = time.process_time()
     console.print(render(snapshot, tiles_that_fit(200, 60) if live else None))

@@ -215,6 +215,21 @@ ALTER TABLE audit_log ADD COLUMN address TEXT;   -- where it came from (host:por
 ALTER TABLE audit_log ADD COLUMN params TEXT;    -- JSON object of the event's parameters
 """
 
+# Issue #12 (EV_W, the weather office): the locations EV_W watches and the last
+# alert state of each, so a Central restart keeps an active weather alert (its
+# CPs stay out of service). Temperatures between alert changes are not stored:
+# EV_W reports them every few seconds.
+_SCHEMA_V6: Final = """
+CREATE TABLE weather_locations (
+    key            TEXT PRIMARY KEY,     -- the location case-folded, trimmed (actors/weather_state.py)
+    location       TEXT NOT NULL,        -- as first given, shown to people
+    watched        INTEGER NOT NULL DEFAULT 0 CHECK (watched IN (0, 1)),
+    alert          INTEGER NOT NULL DEFAULT 0 CHECK (alert IN (0, 1)),
+    temperature_c  REAL,                 -- the reading that set the alert state
+    updated_at     REAL                  -- when the alert state or the watch last changed
+);
+"""
+
 #: Central's schema history. Append only: never edit an applied step.
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "charging points, drivers, sessions, tickets, dedupe, audit", _SCHEMA_V1),
@@ -222,6 +237,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(3, "central runs: up since / alive at (Central's own record of its downtime)", _SCHEMA_V3),
     Migration(4, "who cancelled a session (the CP, or Central on its own)", _SCHEMA_V4),
     Migration(5, "trust boundary: credentials, registry changes, CP keys, audit address and params", _SCHEMA_V5),
+    Migration(6, "weather: watched locations and the last alert state of each", _SCHEMA_V6),
 )
 
 _SCHEMA_VERSION_DDL: Final = """

@@ -19,6 +19,7 @@ __all__ = [
     "AuditRecord",
     "JournalEntry",
     "ChargeRequestRecord",
+    "WeatherRecord",
     "cents_from_eur",
     "bill_cents",
     "DEFAULT_MAX_POWER_KW",
@@ -196,3 +197,15 @@ class KeyRecord:
     state: str
     ended_at: float | None
     reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WeatherRecord:
+    """A location EV_W watches or reported an alert for (migration 6)."""
+
+    key: str  # case-folded, trimmed: what CP locations are matched against
+    location: str  # as first given
+    watched: bool
+    alert: bool
+    temperature_c: float | None
+    updated_at: float | None

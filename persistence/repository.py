@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from persistence.db import MIGRATIONS, SqliteStore, transaction
 from persistence.errors import BillingRejected, Conflict, UnknownChargingPoint, UnknownSession
+from persistence.queries import QueryMixin
 from persistence.records import (
     DEFAULT_MAX_POWER_KW,
     ChargeRequestRecord,
@@ -31,7 +32,6 @@ from persistence.records import (
     bill_cents,
     columns,
 )
-from persistence.queries import QueryMixin
 from persistence.trust import TrustMixin
 from persistence.weather import WeatherMixin
 

@@ -144,7 +144,9 @@ def test_authorisation_rules_give_readable_denials(central) -> None:
     ok = response(central, corr)
     assert (ok.status, ok.session_id) == ("authorized", auth.session_id)
     # a stopped CP
-    central.ask("central", AdminCommand("stop", "MAD2"))
+    stopped = central.ask("central", AdminCommand("stop", "MAD2"))
+    assert (stopped.status, stopped.cp_ids) == ("ok", ("MAD2",))
+    assert central.ask("central", AdminCommand("stop", "NOPE")).status == "not_found"
     m2.expect(protocol.StopCp)
     m2.heartbeat(True)
     assert state(central, "MAD2") == "STOPPED"
@@ -265,16 +267,19 @@ def test_available_cps_and_the_panel(central) -> None:
 
 
 def test_panel_render_shows_live_supply() -> None:
-    from actors.panel import CpTile, PanelSnapshot, RequestRow
+    from actors.panel import CpTile, MessageRow, PanelSnapshot, RequestRow, WeatherRow
 
     snap = PanelSnapshot(
         (CpTile("ALC1", "Alicante", 0.3, "SUPPLYING", "driver7", 7.4, 1.234, 0.37),
-         CpTile("MAD2", "Madrid", 0.35, "STOPPED"), CpTile("BCN3", "Barcelona", 0.5, "BROKEN", fault="engine KO")),
-        (RequestRow(time.time(), "driver7", "ALC1", "supplying"),), ("12:00:00 CP ALC1 is supplying driver driver7",),
-        time.time())
+         CpTile("MAD2", "Madrid", 0.35, "STOPPED"), CpTile("BCN3", "Barcelona", 0.5, "BROKEN", fault="engine KO"),
+         CpTile("OSL4", "Oslo", 0.5, "STOPPED", stop_reasons=("weather",))),
+        (RequestRow(time.time(), "driver7", "ALC1", "supplying"),),
+        (MessageRow(1, time.time(), "CP ALC1 is supplying driver driver7", False),),
+        time.time(), (WeatherRow("Oslo", -4.5, True, None, time.time(), True, ("OSL4",)),))
     text = render_text(snap)
     for expected in ("ALC1", "SUPPLYING", "7.4 kW", "1.234 kWh", "0.37 €", "driver driver7", "Out of Order",
-                     "BROKEN", "engine KO", "CP ALC1 is supplying"):
+                     "BROKEN", "engine KO", "CP ALC1 is supplying", "(weather)", "Oslo: -4.5 °C",
+                     "ALERT: 1 CP(s) out of service"):
         assert expected in text, expected
 
 

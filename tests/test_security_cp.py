@@ -224,7 +224,7 @@ class Net:
 
     def messages(self) -> tuple[str, ...]:
         snap = self.central.ask("panel", LastSnapshot())
-        return tuple(snap.messages) if snap else ()
+        return tuple(m.text for m in snap.messages) if snap else ()
 
     def stop(self) -> None:
         for s in reversed(self.systems):
