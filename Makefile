@@ -20,12 +20,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-## make browser: the system package the browser test drives (Debian's chromium; Playwright cannot download one here)
+## make browser: the system package the browser test drives (Debian's chromium; Playwright cannot download one
+## here; EV_CHROMIUM=/path/to/chromium uses another)
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@[ -n "$$EV_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || { \
 	  echo "Installing Debian's chromium for the browser test (apt-get)"; \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null || { \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || { \
 	    echo "Could not install chromium: install it with 'apt-get install -y chromium' and run make test again"; exit 1; }; }
 
 ## make test: lint, then the whole suite (real broker, real sockets, real SQLite, real processes)

@@ -1313,13 +1313,14 @@ class CentralActor(SupervisedActor):
         if isinstance(outcome, OperatorResult):
             return outcome
         acted: list[str] = []
+        kept: list[str] = []  # held or released by this alert, but out of service anyway (the operator)
         if outcome.alert_changed:
             key = outcome.place.key
             for cp in self.cps.values():
                 hold = self._weather.hold_of(cp.location)
-                if hold != cp.weather and key in (hold, cp.weather) and self._apply_stop(cp, cp.stopped, hold):
-                    acted.append(cp.cp_id)
-        text = outcome.summary(acted)
+                if hold != cp.weather and key in (hold, cp.weather):
+                    (acted if self._apply_stop(cp, cp.stopped, hold) else kept).append(cp.cp_id)
+        text = outcome.summary(acted, kept)
         if outcome.noted:
             self._note(text, fault=outcome.fault)
         self._dirty = True  # a new reading at least: the weather rows of the next snapshot

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,13 +134,21 @@ class Outcome:
     noted: bool = False
     fault: bool = False
 
-    def summary(self, acted: list[str]) -> str:
-        """The sentence for the operator and the panel, naming the CPs Central acted on."""
+    def summary(self, acted: Sequence[str], kept: Sequence[str] = ()) -> str:
+        """The sentence for the operator and the panel, naming the CPs Central acted on and those
+        the alert now holds (or released) that were already out of service by the operator."""
         if not self.alert_changed:
             return self.text
-        ids = ", ".join(sorted(acted)[:10]) + (" …" if len(acted) > 10 else "")
-        return (f"{self.text}: {len(acted)} CP(s) {'out of service' if self.place.alert else 'back in service'}"
-                + (f" ({ids})" if acted else ""))
+        text = (f"{self.text}: {len(acted)} CP(s) {'out of service' if self.place.alert else 'back in service'}"
+                + (f" ({_some(acted)})" if acted else ""))
+        if kept:
+            text += (f"; {len(kept)} already stopped by the operator now also held ({_some(kept)})" if self.place.alert
+                     else f"; {len(kept)} stay stopped by the operator ({_some(kept)})")
+        return text
+
+
+def _some(ids: Sequence[str], shown: int = 10) -> str:
+    return ", ".join(sorted(ids)[:shown]) + (" …" if len(ids) > shown else "")
 
 
 class WeatherBook:

@@ -145,6 +145,7 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
     # the thaw restores the CPs the operator did not stop
     thawed = alert(central, "Oslo", 2.0, False)
     assert (thawed.status, thawed.cp_ids) == ("ok", ("OSL2", "OSL3")), thawed
+    assert thawed.text.endswith("; 1 stay stopped by the operator (OSL1)"), thawed.text
     m2.expect(protocol.ResumeCp)
     m2.heartbeat(True)
     wait_until(lambda: state(central, "OSL2") == "ACTIVE", what="OSL2 back in service")
