@@ -198,9 +198,12 @@ class WeatherBook:
         if why is not None:
             return OperatorResult(INVALID, why)
         assert isinstance(location, str) and (temperature_c is None or isinstance(temperature_c, int | float))
-        place = self._place(location)
-        if isinstance(place, OperatorResult):
-            return place
+        place = self._places.get(location_key(location))
+        if place is None or not place.watched:
+            # Only watched locations take readings: a reading still on its way when the operator
+            # removed the city must not bring back an alert nobody polls any more.
+            return OperatorResult(NOT_FOUND, f"Central does not watch the weather of {' '.join(location.split())}: "
+                                             "add the location first.")
         now = self._clock()
         place.updated_at = now
         if error is not None:

@@ -105,6 +105,8 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
     """Freeze: the CPs at the location are STOPPED (reason weather), told stop_cp once however often
     EV_W repeats it; the operator's stop outlives the thaw and the operator's resume cannot beat the alert."""
     m1, m2, mad = monitor(central, "OSL1"), monitor(central, "OSL2"), monitor(central, "MAD1")
+    assert alert(central, "Oslo", -3.5, True).status == "not_found"  # not watched: no reading is taken
+    assert central.ask("central", WatchLocation("  OSLO ", True)).ok
     frozen = alert(central, "  OSLO ", -3.5, True)
     assert (frozen.status, frozen.cp_ids) == ("ok", ("OSL1", "OSL2", "OSL3")), frozen
     for m in (m1, m2):
@@ -121,8 +123,8 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
     quiet(m1, protocol.StopCp)
     (row,) = [w for w in central.ask("central", WeatherView()) if w["location"] == "OSLO"]
     assert row == {"location": "OSLO", "temperature_c": -5.0, "alert": True, "error": None,
-                   "updated_at": row["updated_at"], "watched": False, "cp_ids": ["OSL1", "OSL2", "OSL3"]}
-    assert [e for e, _ in audit_events(central.db, "weather_")] == ["weather_alert"]
+                   "updated_at": row["updated_at"], "watched": True, "cp_ids": ["OSL1", "OSL2", "OSL3"]}
+    assert [e for e, _ in audit_events(central.db, "weather_")] == ["weather_watch", "weather_alert"]
     # the panel: tiles with their reasons and session, the weather rows, "(weather)" in the text render
     snap = wait_until(lambda: (s := central.ask("panel", LastSnapshot())) and
                       {t.cp_id: t for t in s.tiles}["OSL2"].state == "STOPPED" and s)
@@ -155,9 +157,10 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
     m1.expect(protocol.ResumeCp)
     m1.heartbeat(True)
     wait_until(lambda: state(central, "OSL1") == "ACTIVE", what="OSL1 resumed by the operator")
-    commands = [(p["command"], p["via"], p["cp_id"]) for _, p in audit_events(central.db, "operator_command")]
+    commands = [(p["command"], p["via"], p["cp_id"]) for _, p in audit_events(central.db, "operator_command")
+                if "cp_id" in p]
     assert commands == [("stop", "test", "OSL1"), ("resume", "test", "OSL2"), ("resume", "test", "OSL1")]
-    assert [e for e, _ in audit_events(central.db, "weather_")] == ["weather_alert", "weather_alert_over"]
+    assert [e for e, _ in audit_events(central.db, "weather_")] == ["weather_watch", "weather_alert", "weather_alert_over"]
 
     # a supply running when the weather stops the CP ends as an operator's stop ends it: stop_cp to its CP
     peer = KafkaPeer(central.kafka)
@@ -169,6 +172,7 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
                                                       accepted=True))
         mad.send(protocol.SupplyStarted(cp_id="MAD1", session_id=auth.session_id, driver_id="d1"))
         wait_until(lambda: state(central, "MAD1") == "SUPPLYING", what="MAD1 supplying")
+        assert central.ask("central", WatchLocation("MADRID", True)).ok
         assert alert(central, "MADRID", -1.0, True).cp_ids == ("MAD1",)
         assert mad.expect(protocol.StopCp).reason == "weather: MADRID -1 °C"
         assert state(central, "MAD1") == "SUPPLYING" and status(central, "MAD1")["stop_reasons"] == ["weather"]
@@ -197,22 +201,27 @@ def test_hostile_and_unknown_input_through_central(central: RunningSystem) -> No
     assert alert(central, "Bergen", -5.0, "yes").status == "invalid"
     assert alert(central, "Bergen", -5.0, True, error=["no"]).status == "invalid"
     assert central.ask("central", WeatherView()) == [] and state(central, "BRG1") == "ACTIVE"
+    assert central.ask("central", WatchLocation("Bergen", True)).ok
     # a provider error: nothing changes but the error (shown, once as a fault among the messages)
     for _ in range(3):
         assert alert(central, "Bergen", None, True, error="OpenWeather: 401\x1b[31m invalid key " + "!" * 500).ok
     (row,) = central.ask("central", WeatherView())
     assert (row["alert"], row["temperature_c"], len(row["error"])) == (False, None, 200) and "\x1b" not in row["error"]
     assert state(central, "BRG1") == "ACTIVE"
-    snap = wait_until(lambda: (s := central.ask("panel", LastSnapshot())) and s.weather and s)
+    snap = wait_until(lambda: (s := central.ask("panel", LastSnapshot())) and s.weather and s.weather[0].error and s)
     assert sum(1 for msg in snap.messages if msg.fault and "no reading" in msg.text) == 1
+    # a reading for a location nobody watches (e.g. one removed while the reading was on its way): refused
+    r = alert(central, "Atlantis", -20.0, True)
+    assert (r.status, r.cp_ids) == ("not_found", ()) and "does not watch" in r.text
+    assert [w["location"] for w in central.ask("central", WeatherView())] == ["Bergen"]
     # an alert where no CP is: recorded, shown, stops nothing
+    assert central.ask("central", WatchLocation("Atlantis", True)).ok
     r = alert(central, "Atlantis", -20.0, True)
     assert (r.status, r.cp_ids) == ("ok", ()) and "0 CP(s)" in r.text
     assert {w["location"]: (w["alert"], w["cp_ids"]) for w in central.ask("central", WeatherView())} == {
         "Atlantis": (True, []), "Bergen": (False, ["BRG1"])}
     assert {s["state"] for s in central.ask("central", CentralStatus()).values()} <= {"ACTIVE", "DISCONNECTED"}
     # watching: added, idempotent, removed (its alert cleared), unknown ones NOT_FOUND
-    assert central.ask("central", WatchLocation("Bergen", True)).ok
     assert central.ask("central", WatchLocation(" BERGEN ", True)).text == "Already watching the weather at Bergen"
     assert central.ask("central", WatchLocation("Nowhere", False)).status == "not_found"
     assert alert(central, "bergen", -2.0, True).cp_ids == ("BRG1",)
@@ -242,8 +251,8 @@ def test_an_alert_survives_a_restart_and_holds_a_cp_that_registers(kafka_setting
     seed(db)
     first = start(kafka_settings, db)
     try:
-        assert alert(first, "Oslo", -7.0, True).cp_ids == ("OSL1", "OSL2", "OSL3")
         assert first.ask("central", WatchLocation("Oslo", True)).ok
+        assert alert(first, "Oslo", -7.0, True).cp_ids == ("OSL1", "OSL2", "OSL3")
         assert first.ask("central", WatchLocation("Bergen", True)).ok
     finally:
         first.stop()
@@ -279,13 +288,14 @@ def test_location_rules_and_bounds_of_the_weather_book(tmp_path: Any) -> None:
     with Repository(str(tmp_path / "w.db")) as repo:
         book = WeatherBook(lambda: repo)
         for i in range(MAX_LOCATIONS):
-            assert isinstance(book.report(f"City {i}", 1.0, False, None, "test"), Outcome)
-        refused = book.report("One too many", 1.0, True, None, "test")
+            assert isinstance(book.watch(f"City {i}", True, "test"), Outcome)
+        refused = book.watch("One too many", True, "test")
         assert isinstance(refused, OperatorResult) and refused.status == "invalid"
         assert str(MAX_LOCATIONS) in refused.text
-        assert isinstance(book.report("city 7", -1.0, True, None, "test"), Outcome)  # a known one still reports
+        assert isinstance(book.report("city 7", -1.0, True, None, "test"), Outcome)  # a watched one reports
+        assert book.report("One too many", -1.0, True, None, "test").status == "not_found"  # type: ignore[union-attr]
         assert book.hold_of("CITY 7, the station") == "city 7" and book.hold_of("City 8") is None
         reloaded = WeatherBook(lambda: repo)
-        reloaded.load()  # only what must survive: the alert (the other readings were not watched)
+        reloaded.load()
         assert [(p.location, p.alert, p.temperature_c) for p in reloaded.alerts()] == [("City 7", True, -1.0)]
 
