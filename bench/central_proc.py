@@ -18,6 +18,7 @@ stdin, one per line: ``lag`` (print the median lag of the last 2 s),
 ``mark`` (start the window), ``dump PATH`` (write the
 window's figures and the names of the threads, so that the parent can sum
 the per-thread CPU it reads from ``/proc/<pid>/task`` by kind), ``quit``. It prints ``ready PORT`` once Central listens.
+With ``--api`` API_Central runs too (any free loopback port) and a line ``api URL CERT TOKEN_FILE`` follows.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t0", type=float, default=0.0, help="the simulated meters' zero (epoch seconds)")
     p.add_argument("--log-file", default=None)
     p.add_argument("--deadline", type=float, default=900.0, help="exit after this many seconds whatever happens")
+    p.add_argument("--api", action="store_true", help="also run API_Central (HTTPS on a free loopback port)")
     args = p.parse_args(argv)
 
     from pathlib import Path
@@ -146,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     central_system.PanelActor = make_probe(args.t0)  # the one instrumented actor
     config = CentralSystemConfig(enroll="open", port=0, broker=args.broker, db_path=args.db, host=LOOPBACK,
                                  topic_prefix=args.topic_prefix, panel="off", console=False, group_id=args.group_id,
-                                 **({} if args.life_timeout is None else {"life_timeout": args.life_timeout}))
+                                 **({} if args.life_timeout is None else {"life_timeout": args.life_timeout}),
+                                 **({"api_port": 0, "api_host": LOOPBACK} if args.api else {}))
     system = start_central(config)
     port = system.ask("monitor-listener", ListenerPort())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"ready {port}", flush=True)
+    if args.api:
+        info = central_system.api_info(system)
+        assert info is not None and info.ca_path
+        print(f"api {info.url} {info.ca_path} {info.token_source}", flush=True)
 
 
     def commands() -> None:

@@ -16,7 +16,9 @@ Supervision tree::
     │  ├─ requests-pump     ConsumerPump driver_requests → central
     │  ├─ router            SessionRouter: Engine records → session actors
     │  └─ sessions-pump     ConsumerPump charging_session_data + _complete → router
-    └─ monitor-listener  Listener: Monitor sockets → monitor-conns (keeps the port open)
+    ├─ monitor-listener  Listener: Monitor sockets → monitor-conns (keeps the port open)
+    ├─ web               WebHubActor: panel snapshots → the API's live state and event stream
+    └─ api               ApiServer: API_Central's uvicorn thread (HTTPS, on a socket the system keeps)
 
 Why this order: Central re-adopts the live sessions from the database when
 it starts (sessions that still run keep their actor). When it restarts,
@@ -36,6 +38,17 @@ the router that opens the Engines' sealed records) belongs to the system,
 not to an actor: it is created and loaded once here (the keys current at
 the previous stop become *replaced*; records sealed with them still open
 for ``--key-grace``), and survives every restart inside the system.
+
+API_Central (``--api-port``; docs/api.md) is two top-level children after the
+listener: "web" receives every panel snapshot Central tells it and keeps the
+latest state and the event stream's listeners in an
+:class:`~actors.web_hub.EventHub`; "api" owns the uvicorn thread that serves
+it. Like the keyring, the hub, the token, the TLS files and the listening
+socket belong to the system: made or bound once in :func:`start_central` (a
+bad certificate or a busy port fails the start with a sentence), they survive
+the restart of either child, and the port never changes. Neither is under
+``core``: a restart of Central does not close the operators' event streams;
+while it restarts, commands answer 503.
 """
 
 from __future__ import annotations
@@ -43,8 +56,12 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import socket
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
 
 from actors.central import CentralActor, CentralConfig
 from actors.console import ConsoleReader
@@ -53,6 +70,7 @@ from actors.ledger import LedgerActor
 from actors.panel import PanelActor
 from actors.router import SessionRouter
 from actors.runtime import Directory
+from actors.web_hub import QUEUE_LIMIT, CentralCommands, EventHub, WebHubActor
 from persistence import Repository
 from supervisors import options as opt
 from supervisors.logs import setup_logging
@@ -60,12 +78,32 @@ from supervisors.settings import add_process_flags, from_args, inherit, internal
 from supervisors.settings import build_parser as parser_for
 from supervisors.supervisor import ChildSpec, Supervisor, spawner_by_name
 from supervisors.system import RunningSystem, run_until_signal, start_system
+from transport import http_common as http
+from transport import security
 from transport.broker import BrokerUnavailable, KafkaSettings, ensure_topics
+from transport.central_api import KEEPALIVE, MAX_STREAMS, ApiInfo, ApiServer, GetApiInfo, make_app
 from transport.kafka import ConsumerPump, Publisher
 from transport.listener import Listener
 from transport.security import Keyring
 
 log = logging.getLogger("evcharging.central")
+
+API_TOKEN_ENV: Final = "EV_API_TOKEN"  #: the operator token itself, when no --api-token-file is given
+API_CERT_FILE: Final = "api-cert.pem"
+API_KEY_FILE: Final = "api-key.pem"
+API_TOKEN_FILE: Final = "api-token"
+#: API_Central's port on the command line (EV_Registry's default is 8443: both run on Central's host).
+API_PORT: Final = 8444
+
+
+def parse_api_port(text: str) -> int | None:
+    """``--api-port``: a port number, or ``off`` (no API)."""
+    if text.strip().lower() in ("off", "none", "no"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +161,26 @@ class CentralSystemConfig:
     max_monitors: int = setting(5000, help="Monitor connections accepted at once")
     signature_max_age: float = inherit(CentralConfig, "signature_max_age",
                                        help="seconds a driver's signed request stays valid (older: denied as a replay)")
+    api_port: int | None = setting(None, cli_default=API_PORT, parse=parse_api_port,
+                                   help="port of API_Central, the operators' HTTPS API, event stream and web panel "
+                                        "(0: any free port, logged; 'off': no API; embedded: off)")
+    api_host: str = setting("0.0.0.0", help="address API_Central listens on")
+    api_tls: str = setting("on", choices=("on", "off"),
+                           help="'off' serves plain HTTP (only behind a TLS proxy: the token would travel in clear)")
+    api_cert: str = setting("", help="API_Central's TLS certificate (PEM), with --api-key; neither: a self-signed "
+                                     f"one, {API_CERT_FILE} next to the database, made on the first start")
+    api_key: str = setting("", help="the TLS certificate's private key (PEM), with --api-cert")
+    api_cert_names: str = setting(http.DEFAULT_CERT_NAMES,
+                                  help="comma-separated host names and IP addresses a self-signed certificate made "
+                                       "here is valid for (this host's name is always added)")
+    api_token_file: str = setting("", help=f"file holding the operator token; without it, env {API_TOKEN_ENV}; "
+                                           f"without that, a token generated into {API_TOKEN_FILE} next to the "
+                                           "database on the first start")
+    api_keepalive: float = setting(KEEPALIVE, help="seconds between two keepalive comments on an idle event stream")
+    api_max_streams: int = setting(MAX_STREAMS, help="event streams open at once (one more is answered 503)")
+    api_stream_queue: int = setting(QUEUE_LIMIT, help="events a stream may have waiting before it is reset to a "
+                                                      "fresh snapshot (its client reads too slowly)")
+    api_command_timeout: float = setting(5.0, help="seconds an API command waits for Central's answer (then 503)")
 
     @property
     def central_config(self) -> CentralConfig:
@@ -201,7 +259,80 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
                                spawner_by_name(directory, "monitor-conns", wait=True)),
                               {"max_connections": config.max_monitors, "component": "central-listener",
                                "gate": "gatekeeper", "auth_deadline": config.auth_timeout if secured else None}))
-    return start_system("central", children, directory, max_restarts=10, period=30)
+    api = _prepare_api(config, directory, keyring) if config.api_port is not None else None
+    if api is not None:
+        children += api.children
+    try:
+        system = start_system("central", children, directory, max_restarts=10, period=30)
+    except BaseException:
+        if api is not None:
+            api.sock.close()
+        raise
+    if api is not None:
+        system.on_stop.append(api.sock.close)
+    return system
+
+
+@dataclass(frozen=True, slots=True)
+class _Api:
+    children: list[ChildSpec]
+    sock: socket.socket
+
+
+def _prepare_api(config: CentralSystemConfig, directory: Directory, keyring: Keyring) -> _Api:
+    """What API_Central needs, made once per system: the hub, its TLS files and token, its socket."""
+    problem = _check_api(config)
+    if problem:
+        raise ValueError(problem)
+    state_dir = Path(config.db_path).resolve().parent
+    tls = config.api_tls == "on"
+    cert: Path | None = None
+    key: Path | None = None
+    made = False
+    if tls:
+        names = http.cert_names(config.api_cert_names, config.api_host)
+        cert, key, made = http.tls_files(config.api_cert, config.api_key, state_dir, API_CERT_FILE, API_KEY_FILE,
+                                         names, title="API_Central")
+        try:  # a bad pair fails the start with a sentence, not every start of the server actor
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot use the TLS certificate {cert} with the key {key}: {exc}") from exc
+    else:
+        log.warning("API_Central serves plain HTTP (--api-tls off): the operator token travels in clear; "
+                    "put it behind a TLS proxy")
+    token, source = http.load_token(config.api_token_file, API_TOKEN_ENV, state_dir / API_TOKEN_FILE,
+                                    what="operator token")
+    sock = http.bind(config.api_host, config.api_port or 0)
+    port = sock.getsockname()[1]
+    info = ApiInfo(url=http.client_url(config.api_host, port, tls=tls), port=port, tls=tls,
+                   ca_path=str(cert) if cert else None, fingerprint=http.fingerprint(cert) if cert else None,
+                   token=token, token_source=source, generated_cert=made)
+    hub = EventHub(queue_limit=config.api_stream_queue)
+    commands = CentralCommands(directory, timeout=config.api_command_timeout)
+    limiter = security.FailureLimiter(limit=config.auth_failures, window=config.auth_window)
+    db_path = config.db_path
+
+    def app() -> Any:
+        return make_app(hub, commands, lambda: Repository(db_path), token, keyring=keyring, limiter=limiter,
+                        keepalive=config.api_keepalive, max_streams=config.api_max_streams)
+
+    children = [ChildSpec("web", WebHubActor, (hub,)),
+                ChildSpec("api", ApiServer, (app, sock, info), {"cert": cert, "key": key}, shutdown_timeout=10.0)]
+    return _Api(children, sock)
+
+
+def api_info(system: RunningSystem, timeout: float = 10.0) -> ApiInfo | None:
+    """Where the system's API_Central is (URL, certificate, token), or None when it runs without one."""
+    if system.directory.wait_for("api", timeout) is None:
+        return None
+    info: ApiInfo = system.ask("api", GetApiInfo(), timeout=timeout)
+    return info
+
+
+def api_line(info: ApiInfo) -> str:
+    """The line Central logs at start: where the API and the panel are, never the token."""
+    trust = f"certificate {info.ca_path}, fingerprint {info.fingerprint}" if info.tls else "plain HTTP"
+    return f"API_Central: the web panel is at {info.panel_url} ({trust}; operator token in {info.token_source})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +366,20 @@ def check_config(config: CentralSystemConfig) -> str | None:
         return "--auth-failures must be at least 1"
     if config.key_grace < 0:
         return "--key-grace must not be negative"
+    return _check_api(config)
+
+
+def _check_api(config: CentralSystemConfig) -> str | None:
+    if config.api_port is not None and not 0 <= config.api_port < 65536:
+        return "--api-port must be between 0 and 65535, or 'off'"
+    if bool(config.api_cert) != bool(config.api_key):
+        return "--api-cert and --api-key go together: give both, or neither for a self-signed certificate"
+    if config.api_keepalive <= 0 or config.api_command_timeout <= 0:
+        return "--api-keepalive and --api-command-timeout must be greater than 0"
+    if config.api_max_streams < 1:
+        return "--api-max-streams must be at least 1"
+    if config.api_stream_queue < 2:
+        return "--api-stream-queue must be at least 2"
     return None
 
 
@@ -265,6 +410,8 @@ def _ready_line(system: RunningSystem, config: CentralSystemConfig, timeout: flo
     log.info("Central listening on %s:%d, Kafka at %s — joining the consumer groups", config.host, config.port,
              config.broker)
     started = time.monotonic()
+    if config.api_port is not None and (info := api_info(system)) is not None:
+        log.info("%s", api_line(info))
     if system.wait_ready(timeout):
         return f"{READY}: Kafka consumers joined in {time.monotonic() - started:.1f} s"
     return (f"Central's Kafka consumers have not joined after {timeout:g} s — driver requests are answered "

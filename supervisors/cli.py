@@ -1,4 +1,4 @@
-"""Console entry points: EV_Central, EV_CP_M, EV_CP_E, EV_Driver, EV_Registry and evcharging.
+"""Console entry points: EV_Central, EV_CP_M, EV_CP_E, EV_Driver, EV_Registry, EV_W and evcharging.
 
 Each program's flags and wiring live in its ``*_system`` module; this file
 only dispatches, so ``--help`` of one program never imports the others.
@@ -39,6 +39,12 @@ def registry_main(argv: list[str] | None = None) -> int:
     return main(sys.argv[1:] if argv is None else argv)
 
 
+def weather_main(argv: list[str] | None = None) -> int:
+    from supervisors.weather_system import main
+
+    return main(sys.argv[1:] if argv is None else argv)
+
+
 def launcher_main(argv: list[str] | None = None) -> int:
     from supervisors.launcher import main
 
@@ -46,7 +52,7 @@ def launcher_main(argv: list[str] | None = None) -> int:
 
 
 PROGRAMS = {"central": central_main, "monitor": monitor_main, "engine": engine_main, "driver": driver_main,
-            "registry": registry_main, "evcharging": launcher_main}
+            "registry": registry_main, "weather": weather_main, "evcharging": launcher_main}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ def _rows(parser: argparse.ArgumentParser) -> list[tuple[str, str, str]]:
 
 
 def render() -> str:
-    from supervisors import central_system, driver_system, engine_system, launcher, monitor_system, registry_system
+    from supervisors import (
+        central_system,
+        driver_system,
+        engine_system,
+        launcher,
+        monitor_system,
+        registry_system,
+        weather_system,
+    )
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("EV_")}
     for k in saved:  # defaults shown must not depend on the caller's environment
@@ -29,7 +37,7 @@ def render() -> str:
     try:
         programs = [("EV_Central", central_system.build_parser()), ("EV_CP_E", engine_system.build_parser()),
                     ("EV_CP_M", monitor_system.build_parser()), ("EV_Driver", driver_system.build_parser()),
-                    ("EV_Registry", registry_system.build_parser())]
+                    ("EV_Registry", registry_system.build_parser()), ("EV_W", weather_system.build_parser())]
         up = launcher.build_parser()
         sub = next(a for a in up._actions if isinstance(a, argparse._SubParsersAction))
         programs.append(("evcharging up", sub.choices["up"]))

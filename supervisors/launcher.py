@@ -13,6 +13,21 @@ registers every CP and driver through its HTTPS API
 (``<run>/credentials/*.json``, 0600); Central runs with ``--enroll
 registry``. ``--security off`` is the development mode: no registry,
 ``--enroll open``, nothing authenticated or sealed.
+
+``evcharging up`` (and ``make demo``) also start API_Central, Central's HTTPS
+API and web panel (``--api on``), and EV_W, the weather office (``--weather
+file``): EV_W reads a weather file written into the run directory, in which
+the first CP's city goes through a cold snap every 48 s (at the default
+4 s interval), so the demo shows that city's CPs going out of service
+("weather") and coming back. The launcher makes the operator token (random,
+``<run>/api-token``, 0600: Central and EV_W read that file, it is never an
+argument) and prints the panel's URL and that file's path, never the token:
+a terminal is often shared or recorded. ``--show-token`` prints a URL with the
+token in its fragment (``https://HOST:PORT/#token=…``: the fragment never
+leaves the browser; the page moves it into the tab's session storage), for a
+terminal that only you see. The browser warns about Central's self-signed
+certificate (``<run>/api-cert.pem``; Central logs its fingerprint). As an API
+(:class:`Network`, the tests) both are off unless asked for.
 """
 
 from __future__ import annotations
@@ -30,16 +45,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from persistence import Repository
 from supervisors import options as opt
+from supervisors.central_system import API_CERT_FILE, API_TOKEN_FILE, CentralSystemConfig
 from supervisors.central_system import READY as CENTRAL_READY
-from supervisors.central_system import CentralSystemConfig
 from supervisors.driver_system import DriverConfig
 from supervisors.engine_system import EngineConfig
 from supervisors.logs import setup_logging
 from supervisors.settings import add_arguments, from_args, inherit, internal, setting
+from supervisors.weather_system import WeatherSystemConfig
 from transport.broker import BrokerUnavailable, KafkaSettings, LocalBroker, ensure_topics, free_port, wait_for_port
 
 log = logging.getLogger("evcharging.launcher")
@@ -51,6 +67,31 @@ CITIES = [
     ("SEV5", "Sevilla, Triana", 0.33), ("BIO6", "Bilbao, Abando", 0.36),
     ("ZAR7", "Zaragoza, Delicias", 0.31), ("MAL8", "Málaga, Centro", 0.34),
 ]
+
+
+#: The demo's cold snap (°C, one value per EV_W poll, then again): the first CP's city freezes for
+#: four polls, so its CPs go out of service and come back, every twelve polls.
+COLD_SNAP: Final = (9, 7, 4, 2, 1, -1, -2, -3, -1, 2, 5, 8)
+#: The other demo cities' steady temperatures (°C), in CITIES order.
+MILD: Final = (14, 17, 19, 18, 12, 15, 20)
+
+
+def city_of(location: str) -> str:
+    """The city of a CP's location ("Madrid, Puerta del Sol" is in Madrid): what EV_W watches."""
+    return location.split(",", 1)[0].strip()
+
+
+def demo_weather(cps: list[tuple[str, str, float]]) -> tuple[list[str], str]:
+    """The cities EV_W watches in a demo (those of the demo's named CPs) and its weather file's text:
+    a cold snap on the first city, steady mild weather elsewhere."""
+    named = {loc for _, loc, _ in CITIES}
+    cities = list(dict.fromkeys(city_of(loc) for _, loc, _ in cps if loc in named))
+    lines = ["# EV_W's weather for this run (evcharging up): 'City: t1, t2, ...' gives one value per poll,",
+             "# '...' repeats the sequence. At or below 0 °C a city's CPs go out of service. Edit me while it runs."]
+    for i, city in enumerate(cities):
+        values = COLD_SNAP if i == 0 else (MILD[(i - 1) % len(MILD)],)
+        lines.append(f"{city}: {', '.join(str(v) for v in values)}{', ...' if len(values) > 1 else ''}")
+    return cities, "\n".join(lines) + "\n"
 
 
 def cp_catalogue(n: int) -> list[tuple[str, str, float]]:
@@ -89,6 +130,16 @@ class NetworkSpec:
                                   help="Central: seconds without a life message → DISCONNECTED")
     ready_timeout: float = setting(30.0, help="seconds to wait for Central's Kafka consumers before starting the "
                                               "drivers")
+    api: str = setting("off", cli_default="on", choices=("on", "off"),
+                       help="API_Central, Central's HTTPS API and web panel (on: its URL and the path of the "
+                            "operator token's file are printed; embedded: off)")
+    weather: str = setting("off", cli_default="file", choices=("file", "openweather", "off"),
+                           help="EV_W, the weather office (needs --api on): 'file' reads --weather-file, "
+                                "'openweather' the real service (key from OPENWEATHER_API_KEY or "
+                                "EV_OPENWEATHER_KEY_FILE); embedded: off")
+    weather_file: str = setting("", help="EV_W's weather file (default: one written into the run directory, "
+                                         "with a cold snap on the first CP's city)")
+    weather_interval: float = inherit(WeatherSystemConfig, "interval", help="EV_W: seconds between two polls")
     extra_central: list[str] = internal(default_factory=list)
     extra_engine: list[str] = internal(default_factory=list)
     extra_monitor: list[str] = internal(default_factory=list)
@@ -149,6 +200,13 @@ class Network:
         self._registry_token = secrets.token_urlsafe(32)  # the admin token: environment only, never argv or logs
         self._registry_client: Any = None
         self._verifiers: dict[str, bytes] = {}
+        if spec.weather != "off" and spec.api != "on":
+            raise ValueError("EV_W reaches Central through its API: --weather needs --api on")
+        self.api_port = free_port(spec.host) if spec.api == "on" else 0
+        self.api_url = f"https://{spec.host}:{self.api_port}"
+        self.api_token_file = self.run_dir / API_TOKEN_FILE  # Central's own default name, next to its database
+        self.api_ca = self.run_dir / API_CERT_FILE  # Central makes it next to its database
+        self.weather_cities: list[str] = []
 
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> Network:
@@ -168,6 +226,8 @@ class Network:
         for cp_id, _, _ in self.cps:
             self.start_engine(cp_id)
             self.start_monitor(cp_id)
+        if self.spec.weather != "off":
+            self.start_weather()
         if with_drivers and not self.wait_central_ready():
             log.warning("Central has not said it is ready after %.0f s; starting the drivers anyway "
                         "(their first requests may go unanswered)", self.spec.ready_timeout)
@@ -179,7 +239,7 @@ class Network:
     def stop(self) -> None:
         """SIGTERM everything (drivers and CPs first, Central last), then SIGKILL stragglers."""
         order = [n for n in self.procs if n.startswith("driver:")] + \
-                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["central", "registry"]
+                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["weather", "central", "registry"]
         for name in order:
             self.signal(name, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -208,7 +268,7 @@ class Network:
     # --- components --------------------------------------------------------------
     def _common(self, name: str) -> list[str]:
         args = ["--log-file", str(self.run_dir / f"{name.replace(':', '-')}.detail.log")]
-        if self.spec.topic_prefix and not name.startswith(("monitor:", "registry")):  # they have no Kafka
+        if self.spec.topic_prefix and not name.startswith(("monitor:", "registry", "weather")):  # no Kafka
             args += ["--topic-prefix", self.spec.topic_prefix]
         return args
 
@@ -262,7 +322,7 @@ class Network:
             csv.writer(f).writerows(self.cps)
         trust = ["--enroll", "registry"] if self.secure else ["--enroll", "open", "--seed", str(seed)]
         cmd = python_cmd("central", str(self.central_port), self.broker_for("central"), "--db", str(self.db_path),
-                         "--host", self.spec.host, *trust, "--panel", self.spec.panel,
+                         "--host", self.spec.host, *trust, *self._api_args(), "--panel", self.spec.panel,
                          "--life-timeout", str(self.spec.life_timeout),
                          *([] if self.spec.central_console else ["--no-console"]),
                          *self._common("central"), *self.spec.extra_central)
@@ -272,7 +332,54 @@ class Network:
                            stdin_pipe=self.spec.central_console)
         if not wait_for_port(self.spec.host, self.central_port, 20):
             raise RuntimeError(f"Central did not listen on {self.spec.host}:{self.central_port}; see {proc.log_path}")
+        if self.api_port and not wait_for_port(self.spec.host, self.api_port, 20):
+            raise RuntimeError(f"Central's API did not listen on {self.spec.host}:{self.api_port}; see {proc.log_path}")
         return proc
+
+    def _api_args(self) -> list[str]:
+        """Central's API flags: on this network's port with the launcher's token file, or off (Central's
+        command line would otherwise open its default port)."""
+        if not self.api_port:
+            return ["--api-port", "off"]
+        if not self.api_token_file.exists():
+            from transport.http_common import write_private
+
+            write_private(self.api_token_file, (secrets.token_urlsafe(32) + "\n").encode())
+        return ["--api-port", str(self.api_port), "--api-host", self.spec.host,
+                "--api-token-file", str(self.api_token_file)]
+
+    def api_token(self) -> str:
+        """The operator token of Central's API (for the tests and ``--show-token``; never logged)."""
+        return self.api_token_file.read_text(encoding="utf-8").strip()
+
+    def api(self) -> Any:
+        """A client of Central's API (operator token included)."""
+        from transport.api_client import CentralApiClient
+
+        return CentralApiClient(self.api_url, self.api_token(), str(self.api_ca))
+
+    def weather_file(self) -> Path:
+        """EV_W's weather file: ``spec.weather_file``, or the demo's, written into the run directory once."""
+        cities, text = demo_weather(self.cps)
+        self.weather_cities = cities
+        if self.spec.weather_file:
+            return Path(self.spec.weather_file)
+        path = self.run_dir / "weather.txt"
+        if not path.exists():
+            path.write_text(text, encoding="utf-8")
+        return path
+
+    def start_weather(self) -> Proc:
+        """EV_W on Central's API, watching the demo's cities (the list then lives in Central)."""
+        provider = ["--provider", "file", "--weather-file", str(self.weather_file())] \
+            if self.spec.weather == "file" else ["--provider", "openweather"]
+        if self.spec.weather != "file":
+            self.weather_cities = demo_weather(self.cps)[0]
+        cmd = python_cmd("weather", "--central-url", self.api_url, "--central-ca", str(self.api_ca),
+                         "--api-token-file", str(self.api_token_file), *provider,
+                         "--interval", str(self.spec.weather_interval), "--watch", ";".join(self.weather_cities),
+                         "--no-console", *self._common("weather"))
+        return self._spawn("weather", cmd)
 
     def central_command(self, text: str) -> None:
         """Type one line at the running Central's console (``stop all``, ``close S…``); needs
@@ -403,6 +510,8 @@ class Network:
             return self.start_monitor(ident)
         if kind == "driver":
             return self.start_driver(ident)
+        if kind == "weather":
+            return self.start_weather()
         raise ValueError(f"unknown component {name!r}")
 
     def pid(self, name: str) -> int:
@@ -456,13 +565,34 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(up, "--until-idle", action="store_true", default=False,
             help="exit when every driver finished its services")
     opt.add(up, "--summary-json", default=None, help="write the run's summary here (with --until-idle)")
+    opt.add(up, "--show-token", action="store_true", default=False,
+            help="also print the web panel's URL with the operator token in it (…/#token=…): only on a terminal "
+                 "nobody else sees; by default only the token file's path is printed")
     return p
 
 
+def panel_lines(net: Network, show_token: bool) -> list[str]:
+    """What ``evcharging up`` tells the person about the web panel: its URL and where the token is."""
+    url = net.api_url + "/"
+    lines = [f"Web panel: {url} (operator token in {net.api_token_file}; Central's certificate is self-signed: "
+             f"{net.api_ca})"]
+    if net.spec.weather != "off":
+        where = f"the weather file {net.weather_file()}" if net.spec.weather == "file" else "OpenWeather"
+        lines.append(f"EV_W watches {', '.join(net.weather_cities) or 'no city'} from {where}"
+                     + (f"; {net.weather_cities[0]} has a cold snap" if net.spec.weather == "file"
+                        and not net.spec.weather_file and net.weather_cities else ""))
+    if not show_token:
+        lines.append("Give --show-token to print a URL that logs in (only on a terminal nobody else sees)")
+    return lines
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     spec = from_args(NetworkSpec, args).resolve()
     assert spec.run_dir is not None
+    if spec.weather != "off" and spec.api != "on":
+        parser.error("EV_W reaches Central through its API: --weather needs --api on (or --weather off)")
     run_dir, panel = spec.run_dir, spec.panel
     setup_logging("evcharging", "", log_file=run_dir / "launcher.log")
     net = Network(spec)
@@ -474,6 +604,11 @@ def main(argv: list[str]) -> int:
         net.start()
         if panel != "rich":
             log.info("Central listens on %s:%d, Kafka at %s", spec.host, net.central_port, net.bootstrap)
+        if spec.api == "on":
+            for line in panel_lines(net, args.show_token):
+                log.info("%s", line)
+            if args.show_token:  # to the terminal only: never into launcher.log
+                print(f"Web panel, logged in: {net.api_url}/#token={net.api_token()}", flush=True)
         while not stop.wait(0.25):
             if args.until_idle and not net.drivers_running():
                 break

@@ -22,6 +22,7 @@ import pytest
 from actors.central import CentralConfig
 from actors.engine import EngineOptions
 from actors.monitor import MonitorOptions
+from actors.weather import WeatherOptions
 from supervisors import (
     central_system,
     driver_system,
@@ -30,6 +31,7 @@ from supervisors import (
     monitor_system,
     registry_system,
     settings,
+    weather_system,
 )
 from supervisors.central_system import CentralSystemConfig
 from supervisors.driver_system import DriverConfig
@@ -37,6 +39,7 @@ from supervisors.engine_system import EngineConfig
 from supervisors.launcher import Network, NetworkSpec
 from supervisors.monitor_system import MonitorConfig
 from supervisors.registry_system import RegistryConfig
+from supervisors.weather_system import WeatherSystemConfig
 
 
 def _up_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,8 @@ PROGRAMS = [
             frozenset({"console", "console_stream"})),
     Program("EV_Registry", RegistryConfig, registry_system.build_parser, registry_system.config_from_args,
             frozenset()),
+    Program("EV_W", WeatherSystemConfig, weather_system.build_parser, weather_system.config_from_args,
+            frozenset({"name"})),
     Program("evcharging up", NetworkSpec, _up_parser, _launcher_config,
             frozenset({"extra_central", "extra_engine", "extra_monitor", "extra_driver", "broker_port",
                        "broker_advertised_port", "monitor_central", "monitor_engine", "component_broker",
@@ -209,7 +214,8 @@ def test_a_command_line_builds_the_config_one_would_construct(program: Program) 
     (CentralConfig, CentralSystemConfig, {}),
     (MonitorOptions, MonitorConfig, {}),
     (EngineOptions, EngineConfig, {"expected_cp_id": "cp_id"}),
-], ids=["central", "monitor", "engine"])
+    (WeatherOptions, WeatherSystemConfig, {}),
+], ids=["central", "monitor", "engine", "weather"])
 def test_actor_options_are_set_from_the_program_config_and_not_written_twice(options: type, config: type,
                                                                                renamed: dict[str, str]) -> None:
     names = {f.name for f in dataclasses.fields(config)}

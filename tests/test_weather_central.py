@@ -160,7 +160,8 @@ def test_freeze_thaw_and_the_operator(central: RunningSystem) -> None:
     commands = [(p["command"], p["via"], p["cp_id"]) for _, p in audit_events(central.db, "operator_command")
                 if "cp_id" in p]
     assert commands == [("stop", "test", "OSL1"), ("resume", "test", "OSL2"), ("resume", "test", "OSL1")]
-    assert [e for e, _ in audit_events(central.db, "weather_")] == ["weather_watch", "weather_alert", "weather_alert_over"]
+    assert [e for e, _ in audit_events(central.db, "weather_")] == [
+        "weather_watch", "weather_alert", "weather_alert_over"]
 
     # a supply running when the weather stops the CP ends as an operator's stop ends it: stop_cp to its CP
     peer = KafkaPeer(central.kafka)

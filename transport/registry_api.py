@@ -32,26 +32,25 @@ refused) and bounded (:data:`MAX_BODY_BYTES`, else 413). Errors are JSON
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import math
 import sqlite3
 import ssl
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from transport import protocol, security
+from transport.http_common import MAX_BODY_BYTES, BodyLimit, TokenGate, error_list, sentence
+from transport.http_common import client_address as _address
 
 if TYPE_CHECKING:
     from persistence.trust import RegistryStore
@@ -60,19 +59,12 @@ __all__ = ["make_app", "RegistryClient", "RegistryError", "MAX_BODY_BYTES", "SEC
 
 log = logging.getLogger("evcharging.registry")
 
-#: The largest request body accepted (bytes); a larger one is answered 413 before it is read.
-MAX_BODY_BYTES: Final = 16 * 1024
 #: Verifiers computed at once (Argon2id takes ~19 MiB and ~60 ms each); more requests wait.
 HASH_SLOTS: Final = 4
 SECRET_NOTE: Final = "shown once: store it now"
 COMPONENT: Final = "registry"  # the audit trail's component
 
 StoreFactory = Callable[[], "RegistryStore"]
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 # --- the API's models ---------------------------------------------------------------
@@ -171,124 +163,6 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "descript
 
 
 # --- the app ------------------------------------------------------------------------
-class _BodyLimit:
-    """Answer 413 to a request whose body is larger than ``limit`` bytes, before the app reads it.
-
-    A declared ``Content-Length`` is checked at once; a body without one (chunked)
-    is read here up to the limit and handed on only when it fits.
-    """
-
-    def __init__(self, app: AsgiApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None:
-            text = declared.decode("latin-1").strip()
-            if not text.isdigit() or int(text) > self.limit:
-                await self._refuse(send)
-                return
-            await self.app(scope, receive, send)
-            return
-        if next((v for k, v in scope["headers"] if k == b"transfer-encoding"), None) is None:
-            await self.app(scope, receive, send)  # no body at all
-            return
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._refuse(send)
-                return
-            if not message.get("more_body", False):
-                break
-        pending = iter(messages)
-
-        async def replay() -> Message:
-            return next(pending, None) or await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"the request body is larger than {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _Gate:
-    """The admin-token check of every protected route (a FastAPI dependency).
-
-    Wrong tokens count per client address (:class:`~transport.security.FailureLimiter`);
-    at the limit everything from that address is refused (429) until the window moves on,
-    the right token too, so the token cannot be guessed faster than the limit allows.
-    """
-
-    def __init__(self, token: str, stores: StoreFactory, limiter: security.FailureLimiter) -> None:
-        if not token:
-            raise ValueError("the admin token must not be empty")
-        self._token = token.encode()
-        self._stores = stores
-        self._limiter = limiter
-        self._lock = threading.Lock()  # sync dependencies run in a threadpool
-
-    def __call__(self, request: Request,
-                 given: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]) -> None:
-        address = _address(request)
-        with self._lock:
-            blocked = self._limiter.blocked(address)
-            wait = self._limiter.retry_after(address) if blocked else 0.0
-        if blocked:
-            raise HTTPException(429, f"too many wrong admin tokens from {address}: try again in {math.ceil(wait)} s",
-                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        if given is None:
-            raise HTTPException(401, "this needs the admin token: send the header 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if hmac.compare_digest(given.credentials.encode("utf-8", "replace"), self._token):
-            return
-        with self._lock:
-            self._limiter.failed(address)
-        what = f"{request.method} {request.url.path}"
-        log.warning("Refused a wrong admin token from %s (%s)", address, what)
-        with self._stores() as store:
-            store.audit(COMPONENT, "anonymous", "admin_token_refused", what, address=address,
-                        params={"method": request.method, "path": request.url.path})
-        raise HTTPException(403, "the admin token is wrong (the attempt was logged)")
-
-
-def _address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-def _sentence(errors: list[dict[str, Any]]) -> str:
-    """FastAPI's validation errors as one readable sentence."""
-    parts = []
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        kind = err.get("type", "")
-        msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
-        if kind == "extra_forbidden":
-            parts.append(f"unknown field {where!r}")
-        elif kind == "missing":
-            parts.append(f"{where or 'the body'} is required")
-        elif kind == "json_invalid":
-            parts.append("the body is not valid JSON")
-        elif kind == "value_error":
-            parts.append(msg)
-        else:
-            parts.append(f"{where}: {msg[:1].lower()}{msg[1:]}" if where else msg)
-    return "the request is invalid: " + "; ".join(parts or ["it does not match the schema"])
-
-
 def make_app(store_factory: StoreFactory, admin_token: str, *, limiter: security.FailureLimiter | None = None,
              max_body: int = MAX_BODY_BYTES, hash_slots: int = HASH_SLOTS) -> FastAPI:
     """The registry's ASGI app.
@@ -298,7 +172,14 @@ def make_app(store_factory: StoreFactory, admin_token: str, *, limiter: security
     its end, so no SQLite connection is shared between threads. ``limiter`` counts wrong
     admin tokens per client address (default: 5 per minute).
     """
-    gate = _Gate(admin_token, store_factory, limiter or security.FailureLimiter(limit=5, window=60.0))
+    def refused(address: str, what: str) -> None:
+        method, _, path = what.partition(" ")
+        with store_factory() as store:
+            store.audit(COMPONENT, "anonymous", "admin_token_refused", what, address=address,
+                        params={"method": method, "path": path})
+
+    gate = TokenGate(admin_token, limiter or security.FailureLimiter(limit=5, window=60.0), what="admin token",
+                     wrong_status=403, on_refused=refused, logger=log)
     hashing = threading.BoundedSemaphore(hash_slots)
     app = FastAPI(
         title="EV_Registry",
@@ -425,9 +306,8 @@ def make_app(store_factory: StoreFactory, admin_token: str, *, limiter: security
     # -------------------------------------------------------------- errors
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": errors, "message": _sentence(errors)}, status_code=422)
+        errors = error_list(exc.errors())
+        return JSONResponse({"detail": errors, "message": sentence(errors)}, status_code=422)
 
     @app.exception_handler(sqlite3.Error)
     async def database(request: Request, exc: sqlite3.Error) -> JSONResponse:
@@ -436,7 +316,7 @@ def make_app(store_factory: StoreFactory, admin_token: str, *, limiter: security
         return JSONResponse({"detail": f"the registry's database is unavailable ({exc}); try again"},
                             status_code=503)
 
-    app.add_middleware(_BodyLimit, limit=max_body)
+    app.add_middleware(BodyLimit, limit=max_body)
     return app
 
 
