@@ -370,10 +370,9 @@ def test_stop_and_resume_change_the_state_seen_by_get_and_the_stream(api: Api, s
         m.expect(protocol.StopCp)
         cp = wait_until(lambda: (c := api.client.cp("MAD1"))["state"] == "STOPPED" and c, what="STOPPED")
         assert cp["stop_reasons"] == ["operator"]
-        stream.wait(lambda e: e.event == "cps" and any(c["cp_id"] == "MAD1" and c["state"] == "STOPPED"
-                                                       for c in e.data["changed"]), "MAD1 STOPPED on the stream",
-                    after=mark)
-        stopped = next(e for e in stream.events[mark:] if e.event == "cps")
+        stopped = stream.wait(lambda e: e.event == "cps" and any(c["cp_id"] == "MAD1" and c["state"] == "STOPPED"
+                                                                 for c in e.data["changed"]),
+                              "MAD1 STOPPED on the stream", after=mark)
         assert stopped.data["counts"]["STOPPED"] >= 1 and "removed" in stopped.data
         assert [c["cp_id"] for c in stopped.data["changed"]] == ["MAD1"]  # only the tile that changed
         stream.wait(lambda e: e.event == "message" and "MAD1" in e.data["text"], "the stop among the messages",
