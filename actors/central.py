@@ -365,14 +365,15 @@ class CentralActor(SupervisedActor):
                 self._on_console(text)
             case CloseSession(sid, who):
                 return self._close_command(sid, who)
-            case AdminCommand(action, cp_id, who):
-                return self._admin(action, cp_id, who)
-            case RevokeKey(cp_id, reason, who):
-                return self._revoke_command(cp_id, reason, who)
+            case AdminCommand(action, cp_id, who, address):
+                return self._admin(action, cp_id, who, address)
+            case RevokeKey(cp_id, reason, who, address):
+                return self._revoke_command(cp_id, reason, who, address)
             case WeatherAlert(location, temperature_c, alert, error, who):
                 return self._on_weather(self._weather.report(location, temperature_c, alert, error, who))
-            case WatchLocation(location, watch, who):
-                self._operator("watch" if watch else "unwatch", who, location=protocol.clip(str(location), 80))
+            case WatchLocation(location, watch, who, address):
+                self._operator("watch" if watch else "unwatch", who, location=protocol.clip(str(location), 80),
+                               address=address)
                 return self._on_weather(self._weather.watch(location, watch, who))
             case WeatherView():
                 return [row_dict(r) for r in self._weather_rows()]
@@ -1155,20 +1156,21 @@ class CentralActor(SupervisedActor):
         else:
             self._say(CONSOLE_HELP)
 
-    def _operator(self, command: str, who: str, **params: Any) -> None:
-        """Every operator command is audited with its parameters (never a secret)."""
-        self.repo.audit("central", "operator", "operator_command", command, params={"command": command,
-                                                                                     "via": who, **params})
+    def _operator(self, command: str, who: str, *, address: str | None = None, **params: Any) -> None:
+        """Every operator command is audited with its parameters (never a secret) and, when it came
+        over the network, the address it came from."""
+        self.repo.audit("central", "operator", "operator_command", command, address=address,
+                        params={"command": command, "via": who, **params})
 
     def _say(self, text: str) -> None:
         """An answer to the operator: in the log and among the panel's messages."""
         self._note(text)
 
-    def _revoke_command(self, cp_id: str, reason: str, who: str) -> OperatorResult:
+    def _revoke_command(self, cp_id: str, reason: str, who: str, address: str | None = None) -> OperatorResult:
         """``revoke CP_ID [REASON]``: the gatekeeper revokes every key of the CP and closes its link;
         the CP is out of service until its Monitor authenticates again (automatically)."""
         cp_id, reason = protocol.clip(cp_id, protocol.ID_MAX_LEN), protocol.clip(" ".join(reason.split()), 200)
-        self._operator("revoke", who, cp_id=cp_id, reason=reason or None)
+        self._operator("revoke", who, cp_id=cp_id, reason=reason or None, address=address)
         if cp_id not in self.cps and (not protocol.is_id(cp_id) or self.repo.credential("cp", cp_id) is None):
             return self._result(NOT_FOUND, f"Cannot revoke: there is no CP {cp_id}.")
         why = "key revoked by the operator" + (f": {reason}" if reason else "")
@@ -1259,14 +1261,14 @@ class CentralActor(SupervisedActor):
         self._say(f"Driver {driver_id} enrolled (its secret was shown once on the console)")
         return secret
 
-    def _admin(self, action: str, cp_id: str | None, who: str = "api") -> OperatorResult:
+    def _admin(self, action: str, cp_id: str | None, who: str = "api", address: str | None = None) -> OperatorResult:
         """The operator's stop/resume of one CP or all (console and API alike), stored across
         restarts. A stop of a supplying CP ends its supply at the CP (stop_cp), billed as usual.
         A resume clears the operator's stop only: a CP an active weather alert holds stays
         STOPPED (CONFLICT for one CP; for all, the sentence names how many stay out)."""
         if cp_id is not None:
             cp_id = protocol.clip(cp_id, protocol.ID_MAX_LEN)
-        self._operator(action, who, cp_id=cp_id or "all")
+        self._operator(action, who, cp_id=cp_id or "all", address=address)
         if action not in ("stop", "resume"):
             return self._result(INVALID, f"Unknown operator action {protocol.clip(action, 20)!r}: stop or resume.")
         if cp_id is not None and cp_id not in self.cps:

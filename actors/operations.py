@@ -40,6 +40,7 @@ class AdminCommand:
     action: str  # "stop" | "resume"
     cp_id: str | None = None
     who: str = "api"
+    address: str | None = None  # where the operator's command came from (audited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class RevokeKey:
     cp_id: str
     reason: str = ""
     who: str = "api"
+    address: str | None = None  # where the operator's command came from (audited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class WatchLocation:
     location: str
     watch: bool
     who: str = "api"
+    address: str | None = None  # where the operator's command came from (audited)
 
 
 @dataclass(frozen=True, slots=True)

@@ -366,18 +366,18 @@ class CentralCommands:
                  who: str = "api") -> None:
         self.directory, self.timeout, self.central, self.who = directory, timeout, central, who
 
-    def admin(self, action: str, cp_id: str | None) -> OperatorResult:
-        return self._ask(AdminCommand(action, cp_id, self.who))
+    def admin(self, action: str, cp_id: str | None, address: str | None = None) -> OperatorResult:
+        return self._ask(AdminCommand(action, cp_id, self.who, address))
 
-    def revoke(self, cp_id: str, reason: str) -> OperatorResult:
-        return self._ask(RevokeKey(cp_id, reason, self.who))
+    def revoke(self, cp_id: str, reason: str, address: str | None = None) -> OperatorResult:
+        return self._ask(RevokeKey(cp_id, reason, self.who, address))
 
     def weather_alert(self, location: str, temperature_c: float | None, alert: bool,
                       error: str | None) -> OperatorResult:
         return self._ask(WeatherAlert(location, temperature_c, alert, error))
 
-    def watch(self, location: str, watch: bool) -> OperatorResult:
-        return self._ask(WatchLocation(location, watch, self.who))
+    def watch(self, location: str, watch: bool, address: str | None = None) -> OperatorResult:
+        return self._ask(WatchLocation(location, watch, self.who, address))
 
     def weather_view(self) -> list[dict[str, Any]] | None:
         """Central's weather rows now (read-your-writes after a watch or a reading); None when it

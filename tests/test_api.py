@@ -391,6 +391,7 @@ def test_stop_and_resume_change_the_state_seen_by_get_and_the_stream(api: Api, s
         audit = api.client.audit(event="operator_command", limit=10)
         commands = [(a["params"]["command"], a["params"].get("cp_id"), a["params"]["via"]) for a in audit]
         assert ("stop", "MAD1", "api") in commands and ("resume", "MAD1", "api") in commands
+        assert {a["address"] for a in audit if a["params"].get("cp_id") == "MAD1"} == {"127.0.0.1"}  # from where
         assert any("MAD1" in msg["text"] for msg in api.client.messages())
     finally:
         m.close()

@@ -68,7 +68,15 @@ from transport.central_api_models import (
     WeatherOut,
 )
 from transport.central_api_models import location as location_rule
-from transport.http_common import MAX_BODY_BYTES, BodyLimit, ServerThread, TokenGate, error_list, sentence
+from transport.http_common import (
+    MAX_BODY_BYTES,
+    BodyLimit,
+    ServerThread,
+    TokenGate,
+    client_address,
+    error_list,
+    sentence,
+)
 
 if TYPE_CHECKING:
     from persistence.repository import Repository
@@ -157,13 +165,13 @@ class Commands(Protocol):
     """Asks to Central (``actors.web_hub.CentralCommands``); each returns Central's answer, or an
     ``unavailable`` one when Central does not answer in time."""
 
-    def admin(self, action: str, cp_id: str | None) -> Result: ...
+    def admin(self, action: str, cp_id: str | None, address: str | None = None) -> Result: ...
 
-    def revoke(self, cp_id: str, reason: str) -> Result: ...
+    def revoke(self, cp_id: str, reason: str, address: str | None = None) -> Result: ...
 
     def weather_alert(self, location: str, temperature_c: float | None, alert: bool, error: str | None) -> Result: ...
 
-    def watch(self, location: str, watch: bool) -> Result: ...
+    def watch(self, location: str, watch: bool, address: str | None = None) -> Result: ...
 
     def weather_view(self) -> list[Json] | None: ...  # Central's weather rows now; None: no answer in time
 
@@ -383,41 +391,41 @@ def make_app(live: LiveState, commands: Commands, store_factory: StoreFactory, t
             raise HTTPException(404, f"there is no CP {cp_id}")
         return _text_response(full([cp])[0])
 
-    def admin(action: str, cp_id: str | None) -> Response:
+    def admin(action: str, cp_id: str | None, request: Request) -> Response:
         if cp_id is not None:
             _checked_id(cp_id, "the CP id")
-        return _result(commands.admin(action, cp_id))
+        return _result(commands.admin(action, cp_id, client_address(request)))
 
     @api.post("/cps/stop", response_model=ResultOut, tags=["commands"], summary="Stop every CP",
               responses=COMMAND)
-    def stop_all() -> Response:
+    def stop_all(request: Request) -> Response:
         """Every CP out of service (STOPPED, reason "operator"); a running supply is ended and billed."""
-        return admin("stop", None)
+        return admin("stop", None, request)
 
     @api.post("/cps/resume", response_model=ResultOut, tags=["commands"], summary="Resume every CP",
               responses=COMMAND)
-    def resume_all() -> Response:
+    def resume_all(request: Request) -> Response:
         """Every CP the operator stopped back in service (not those a weather alert holds)."""
-        return admin("resume", None)
+        return admin("resume", None, request)
 
     @api.post("/cps/{cp_id}/stop", response_model=ResultOut, tags=["commands"], summary="Stop one CP",
               responses=COMMAND)
-    def stop_cp(cp_id: str) -> Response:
-        return admin("stop", cp_id)
+    def stop_cp(cp_id: str, request: Request) -> Response:
+        return admin("stop", cp_id, request)
 
     @api.post("/cps/{cp_id}/resume", response_model=ResultOut, tags=["commands"], summary="Resume one CP",
               responses=COMMAND)
-    def resume_cp(cp_id: str) -> Response:
+    def resume_cp(cp_id: str, request: Request) -> Response:
         """Back in service; 409 while a weather alert holds it."""
-        return admin("resume", cp_id)
+        return admin("resume", cp_id, request)
 
     @api.post("/cps/{cp_id}/revoke", response_model=ResultOut, tags=["commands"],
               summary="Revoke a CP's keys", responses=COMMAND)
-    def revoke_cp(cp_id: str, body: RevokeIn | None = None) -> Response:
+    def revoke_cp(cp_id: str, request: Request, body: RevokeIn | None = None) -> Response:
         """Revoke every key of the CP and close its link: it is out of service until its Monitor
         authenticates again."""
         _checked_id(cp_id, "the CP id")
-        return _result(commands.revoke(cp_id, body.reason if body else ""))
+        return _result(commands.revoke(cp_id, body.reason if body else "", client_address(request)))
 
     # ------------------------------------------------------------- live lists
     @api.get("/sessions", response_model=list[SessionOut], tags=["live"], summary="Live sessions")
@@ -513,18 +521,19 @@ def make_app(live: LiveState, commands: Commands, store_factory: StoreFactory, t
 
     @api.post("/weather/locations", response_model=ResultOut, tags=["weather"], summary="Watch a location",
               responses=COMMAND)
-    def watch(body: LocationIn) -> Response:
-        return _result(commands.watch(body.location, True))
+    def watch(body: LocationIn, request: Request) -> Response:
+        return _result(commands.watch(body.location, True, client_address(request)))
 
     @api.delete("/weather/locations/{location}", response_model=ResultOut, tags=["weather"],
                 summary="Stop watching a location", responses=COMMAND)
-    def unwatch(location: Annotated[str, PathParam(max_length=protocol.LOCATION_MAX_LEN)]) -> Response:
+    def unwatch(location: Annotated[str, PathParam(max_length=protocol.LOCATION_MAX_LEN)],
+                request: Request) -> Response:
         """Stop watching it (its alert, if any, is cleared)."""
         try:
             where = location_rule(location)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        return _result(commands.watch(where, False))
+        return _result(commands.watch(where, False, client_address(request)))
 
     # ------------------------------------------------------------- stream
     @api.get("/events", tags=["live"], summary="Server-Sent Events of the panel",
