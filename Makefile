@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist): the multi-process scenarios run one at a time on one of them
+# (one xdist group, tests/conftest.py), the in-process tests share both. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+XDIST  := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 
 .PHONY: venv lint browser test test-fast demo bench clean
 
@@ -31,11 +35,11 @@ browser:
 
 ## make test: lint, then the whole suite (real broker, real sockets, real SQLite, real processes)
 test: lint browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## make test-fast: lint, then everything but the multi-process scenarios
 test-fast: lint browser
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 ## make demo: a whole network on this machine, no typing needed
 demo: $(STAMP)
