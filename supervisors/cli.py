@@ -45,6 +45,18 @@ def weather_main(argv: list[str] | None = None) -> int:
     return main(sys.argv[1:] if argv is None else argv)
 
 
+def ocpp_main(argv: list[str] | None = None) -> int:
+    from supervisors.ocpp_system import main
+
+    return main(sys.argv[1:] if argv is None else argv)
+
+
+def ocpp_sim_main(argv: list[str] | None = None) -> int:
+    from supervisors.ocpp_sim import main
+
+    return main(sys.argv[1:] if argv is None else argv)
+
+
 def launcher_main(argv: list[str] | None = None) -> int:
     from supervisors.launcher import main
 
@@ -52,7 +64,8 @@ def launcher_main(argv: list[str] | None = None) -> int:
 
 
 PROGRAMS = {"central": central_main, "monitor": monitor_main, "engine": engine_main, "driver": driver_main,
-            "registry": registry_main, "weather": weather_main, "evcharging": launcher_main}
+            "registry": registry_main, "weather": weather_main, "ocpp": ocpp_main, "ocpp-sim": ocpp_sim_main,
+            "evcharging": launcher_main}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def render() -> str:
         engine_system,
         launcher,
         monitor_system,
+        ocpp_sim,
+        ocpp_system,
         registry_system,
         weather_system,
     )
@@ -37,7 +39,8 @@ def render() -> str:
     try:
         programs = [("EV_Central", central_system.build_parser()), ("EV_CP_E", engine_system.build_parser()),
                     ("EV_CP_M", monitor_system.build_parser()), ("EV_Driver", driver_system.build_parser()),
-                    ("EV_Registry", registry_system.build_parser()), ("EV_W", weather_system.build_parser())]
+                    ("EV_Registry", registry_system.build_parser()), ("EV_W", weather_system.build_parser()),
+                    ("EV_OCPP", ocpp_system.build_parser()), ("EV_OCPP_SIM", ocpp_sim.build_parser())]
         up = launcher.build_parser()
         sub = next(a for a in up._actions if isinstance(a, argparse._SubParsersAction))
         programs.append(("evcharging up", sub.choices["up"]))

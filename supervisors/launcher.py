@@ -140,6 +140,8 @@ class NetworkSpec:
     weather_file: str = setting("", help="EV_W's weather file (default: one written into the run directory, "
                                          "with a cold snap on the first CP's city)")
     weather_interval: float = inherit(WeatherSystemConfig, "interval", help="EV_W: seconds between two polls")
+    ocpp_chargers: int = setting(0, help="simulated OCPP 1.6J chargers (EV_OCPP_SIM) joining through EV_OCPP, "
+                                         "next to the --cps native ones")
     extra_central: list[str] = internal(default_factory=list)
     extra_engine: list[str] = internal(default_factory=list)
     extra_monitor: list[str] = internal(default_factory=list)
@@ -207,6 +209,8 @@ class Network:
         self.api_token_file = self.run_dir / API_TOKEN_FILE  # Central's own default name, next to its database
         self.api_ca = self.run_dir / API_CERT_FILE  # Central makes it next to its database
         self.weather_cities: list[str] = []
+        self.ocpp_port = free_port(spec.host) if spec.ocpp_chargers else 0
+        self.ocpp_cps = [(f"OCPP{i + 1:02d}", f"OCPP site {i + 1}", 0.30) for i in range(spec.ocpp_chargers)]
 
     # --- lifecycle --------------------------------------------------------------
     def start(self, with_drivers: bool = True) -> Network:
@@ -220,12 +224,15 @@ class Network:
             self.start_registry()
             from supervisors.provision import provision
 
-            provision(self.registry(), self.cps, [f"driver{i + 1}" for i in range(self.spec.drivers)],
+            provision(self.registry(), self.cps + self.ocpp_cps, [f"driver{i + 1}" for i in range(self.spec.drivers)],
                       self.credentials_dir)
         self.start_central()
         for cp_id, _, _ in self.cps:
             self.start_engine(cp_id)
             self.start_monitor(cp_id)
+        if self.ocpp_cps:
+            self.start_ocpp()
+            self.start_ocpp_sim()
         if self.spec.weather != "off":
             self.start_weather()
         if with_drivers and not self.wait_central_ready():
@@ -239,7 +246,8 @@ class Network:
     def stop(self) -> None:
         """SIGTERM everything (drivers and CPs first, Central last), then SIGKILL stragglers."""
         order = [n for n in self.procs if n.startswith("driver:")] + \
-                [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + ["weather", "central", "registry"]
+                ["ocpp-sim"] + [n for n in self.procs if n.startswith(("monitor:", "engine:"))] + \
+                ["ocpp", "weather", "central", "registry"]
         for name in order:
             self.signal(name, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -319,7 +327,7 @@ class Network:
     def start_central(self) -> Proc:
         seed = self.run_dir / "cps.csv"
         with open(seed, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(self.cps)
+            csv.writer(f).writerows(self.cps + self.ocpp_cps)
         trust = ["--enroll", "registry"] if self.secure else ["--enroll", "open", "--seed", str(seed)]
         cmd = python_cmd("central", str(self.central_port), self.broker_for("central"), "--db", str(self.db_path),
                          "--host", self.spec.host, *trust, *self._api_args(), "--panel", self.spec.panel,
@@ -381,6 +389,29 @@ class Network:
                          "--no-console", *self._common("weather"))
         return self._spawn("weather", cmd)
 
+    def start_ocpp(self) -> Proc:
+        """EV_OCPP, the OCPP 1.6J gateway (docs/ocpp.md), between the simulated chargers and Central."""
+        cmd = python_cmd("ocpp", f"{self.spec.host}:{self.central_port}", self.broker_for("ocpp"),
+                         "--listen", f"{self.spec.host}:{self.ocpp_port}",
+                         "--journal", str(self.run_dir / "ocpp.journal"),
+                         "--security", "basic" if self.secure else "none", *self._common("ocpp"))
+        proc = self._spawn("ocpp", cmd)
+        if not wait_for_port(self.spec.host, self.ocpp_port, 20):
+            raise RuntimeError(f"EV_OCPP did not listen on {self.spec.host}:{self.ocpp_port}; see {proc.log_path}")
+        return proc
+
+    def start_ocpp_sim(self) -> Proc:
+        """Simulated OCPP chargers (the ``ocpp`` library's client) with their registry credentials."""
+        ids = [cp for cp, _, _ in self.ocpp_cps]
+        for cp in ids:
+            self._credential_args("cp", cp, "--x")  # registers it when security is on
+        cmd = python_cmd("ocpp-sim", f"ws://{self.spec.host}:{self.ocpp_port}/ocpp", "--chargers", ",".join(ids),
+                         *(["--credential-dir", str(self.credentials_dir)] if self.secure else []),
+                         "--power-kw", str(self.spec.power_kw), "--meter-interval", str(self.spec.tick),
+                         "--supply-seconds", str(self.spec.supply_seconds),
+                         "--log-file", str(self.run_dir / "ocpp-sim.detail.log"))  # no Kafka: no --topic-prefix
+        return self._spawn("ocpp-sim", cmd)
+
     def central_command(self, text: str) -> None:
         """Type one line at the running Central's console (``stop all``, ``close S…``); needs
         ``spec.central_console`` (otherwise Central reads no console at all)."""
@@ -441,7 +472,7 @@ class Network:
     def services_file(self, driver_id: str, index: int) -> Path:
         path = self.run_dir / f"{driver_id}.services"
         if not path.exists():
-            ids = [cp for cp, _, _ in self.cps]
+            ids = [cp for cp, _, _ in self.cps + self.ocpp_cps]
             lines = [ids[(index + k) % len(ids)] for k in range(self.spec.services)]
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path

@@ -22,6 +22,7 @@ import pytest
 from actors.central import CentralConfig
 from actors.engine import EngineOptions
 from actors.monitor import MonitorOptions
+from actors.ocpp_charger import OcppOptions
 from actors.weather import WeatherOptions
 from supervisors import (
     central_system,
@@ -29,6 +30,8 @@ from supervisors import (
     engine_system,
     launcher,
     monitor_system,
+    ocpp_sim,
+    ocpp_system,
     registry_system,
     settings,
     weather_system,
@@ -38,8 +41,11 @@ from supervisors.driver_system import DriverConfig
 from supervisors.engine_system import EngineConfig
 from supervisors.launcher import Network, NetworkSpec
 from supervisors.monitor_system import MonitorConfig
+from supervisors.ocpp_sim import SimConfig
+from supervisors.ocpp_system import OcppSystemConfig
 from supervisors.registry_system import RegistryConfig
 from supervisors.weather_system import WeatherSystemConfig
+from transport.ocpp_wire import OcppLimits
 
 
 def _up_parser() -> argparse.ArgumentParser:
@@ -73,6 +79,9 @@ PROGRAMS = [
     Program("EV_Registry", RegistryConfig, registry_system.build_parser, registry_system.config_from_args,
             frozenset()),
     Program("EV_W", WeatherSystemConfig, weather_system.build_parser, weather_system.config_from_args,
+            frozenset({"name"})),
+    Program("EV_OCPP", OcppSystemConfig, ocpp_system.build_parser, ocpp_system.config_from_args, frozenset({"name"})),
+    Program("EV_OCPP_SIM", SimConfig, ocpp_sim.build_parser, lambda a: settings.from_args(SimConfig, a),
             frozenset({"name"})),
     Program("evcharging up", NetworkSpec, _up_parser, _launcher_config,
             frozenset({"extra_central", "extra_engine", "extra_monitor", "extra_driver", "broker_port",
@@ -215,7 +224,9 @@ def test_a_command_line_builds_the_config_one_would_construct(program: Program) 
     (MonitorOptions, MonitorConfig, {}),
     (EngineOptions, EngineConfig, {"expected_cp_id": "cp_id"}),
     (WeatherOptions, WeatherSystemConfig, {}),
-], ids=["central", "monitor", "engine", "weather"])
+    (OcppOptions, OcppSystemConfig, {}),
+    (OcppLimits, OcppSystemConfig, {}),
+], ids=["central", "monitor", "engine", "weather", "ocpp", "ocpp-limits"])
 def test_actor_options_are_set_from_the_program_config_and_not_written_twice(options: type, config: type,
                                                                                renamed: dict[str, str]) -> None:
     names = {f.name for f in dataclasses.fields(config)}
