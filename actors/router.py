@@ -20,7 +20,9 @@ The trust boundary (issue #11): a record that is a ``sealed`` envelope is
 opened with Central's :class:`~transport.security.Keyring` (the key it issued
 to that CP, current or replaced within the grace, never revoked; the counter
 above the highest opened for that key and topic; the record's Kafka key the
-envelope's CP) and its inner message is routed exactly as a plain one. One
+envelope's CP) and its inner message is routed exactly as a plain one. The
+sealed records of a poll are opened in one :meth:`~transport.security.Keyring.open_many`
+call (the keyring's lock twice per poll rather than per record). One
 that does not open, and with ``require_sealed`` any plain telemetry or
 completion, is set aside as ``refused: <reason>``: it goes to the dead letters
 (Central shows and audits it) and never reaches a session, the ledger or
@@ -29,7 +31,6 @@ Central's figures.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -54,6 +55,10 @@ from transport.kafka import DeadLettered, Delivery, Handled, Inbound, Publish, S
 from transport.security import Keyring, SecurityError
 
 log = logging.getLogger("evcharging.central.router")
+
+
+def _seq(reading: protocol.ChargingData) -> int:
+    return reading.seq
 
 
 class SessionRouter(SupervisedActor):
@@ -96,19 +101,25 @@ class SessionRouter(SupervisedActor):
         waiting: list[tuple[Inbound, protocol.ChargeCompletion, pykka.Future[Any]]] = []
         telemetry: dict[str, list[protocol.ChargingData]] = {}
         set_aside: list[SetAside] = []
-        for raw_item in items:
-            if raw_item.message is None:  # undecodable (the pump sets these aside itself): item.error says why
-                self.stats["bad"] += 1
-                set_aside.append(SetAside(raw_item, f"cannot decode: {raw_item.error}"))
-                continue
-            item = self._unseal(raw_item, set_aside)
-            if item is None:
-                continue
+        opened = self._open_sealed(items)
+        for i, item in enumerate(items):
             msg = item.message
-            assert msg is not None
-            if isinstance(msg, protocol.ChargingData) and item.topic == "charging_session_data":
+            if msg is None:  # undecodable (the pump sets these aside itself): item.error says why
+                self.stats["bad"] += 1
+                set_aside.append(SetAside(item, f"cannot decode: {item.error}"))
+                continue
+            refused = self._why_not(item, msg, opened.get(i))
+            if isinstance(refused, str):
+                self._refuse(item, refused, set_aside)
+                continue
+            msg = refused
+            if type(msg) is protocol.ChargingData and item.topic == "charging_session_data":
                 self.stats["data"] += 1
-                telemetry.setdefault(msg.session_id, []).append(msg)
+                records = telemetry.get(msg.session_id)
+                if records is None:
+                    telemetry[msg.session_id] = [msg]
+                else:
+                    records.append(msg)
             elif isinstance(msg, protocol.ChargeCompletion) and item.topic == "charging_session_complete":
                 self._telemetry(telemetry.pop(msg.session_id, None))  # before its completion
                 self.stats["completions"] += 1
@@ -126,7 +137,7 @@ class SessionRouter(SupervisedActor):
         progress: list[SessionProgress] = []
         for records in telemetry.values():
             self._telemetry(records)
-            d = max(records, key=lambda r: r.seq)
+            d = max(records, key=_seq)
             progress.append(SessionProgress(d.session_id, d.cp_id, d.seq, d.energy_kwh, d.cost_eur, d.power_kw))
         if progress:
             self.directory.tell("central", ProgressBatch(tuple(progress)))
@@ -140,12 +151,40 @@ class SessionRouter(SupervisedActor):
                 self._reject(item, answer, set_aside)
         return Handled(tuple(set_aside))
 
-    def _unseal(self, item: Inbound, set_aside: list[SetAside]) -> Inbound | None:
-        """``item`` with its sealed message opened (or as it is, when plain and allowed); None when
-        it was refused (then set aside as ``refused: <reason>``)."""
-        reason = self._why_not(item)
-        if isinstance(reason, Inbound):
-            return reason
+    def _open_sealed(self, items: tuple[Inbound, ...]) -> dict[int, protocol.Message | SecurityError]:
+        """Open every sealed record of the poll that is keyed by its own CP, in one keyring call
+        (the keyring's lock twice per poll, not per record): by position in ``items``."""
+        if self.keyring is None:
+            return {}
+        where: list[int] = []
+        batch: list[tuple[protocol.Sealed, str, int, int]] = []
+        for i, item in enumerate(items):
+            env = item.message
+            if type(env) is protocol.Sealed and item.key == env.cp_id:
+                where.append(i)
+                batch.append((env, item.topic, item.partition, item.offset))
+        if not batch:
+            return {}
+        return dict(zip(where, self.keyring.open_many(batch), strict=True))
+
+    def _why_not(self, item: Inbound, env: protocol.Message,
+                 opened: protocol.Message | SecurityError | None) -> protocol.Message | str:
+        """The message to route (``opened`` when sealed, or the plain one when allowed), or why it is refused."""
+        if not isinstance(env, protocol.Sealed):
+            if self.require_sealed and isinstance(env, protocol.ChargingData | protocol.ChargeCompletion):
+                return "not sealed (this Central requires sealed CP records)"
+            return env
+        if item.key != env.cp_id:
+            return f"a record keyed {item.key!r} is sealed for CP {env.cp_id}"
+        if self.keyring is None or opened is None:
+            return f"a sealed record of CP {env.cp_id}, and this Central has no CP keys (--enroll open)"
+        if isinstance(opened, SecurityError):
+            return str(opened)
+        self.stats["opened"] += 1
+        return opened
+
+    def _refuse(self, item: Inbound, reason: str, set_aside: list[SetAside]) -> None:
+        """Set ``item`` aside as ``refused: <reason>`` (logged at most once a second)."""
         self.stats["refused"] += 1
         self.stats["rejected"] += 1
         now = time.monotonic()
@@ -154,25 +193,6 @@ class SessionRouter(SupervisedActor):
             log.warning("refused a record on %s (key %s, partition %d, offset %d): %s (%d refused so far)",
                         item.topic, item.key, item.partition, item.offset, reason, self.stats["refused"])
         set_aside.append(SetAside(item, f"refused: {reason}"))
-        return None
-
-    def _why_not(self, item: Inbound) -> Inbound | str:
-        """The item to route (opened when sealed), or why it is refused."""
-        env = item.message
-        if not isinstance(env, protocol.Sealed):
-            if self.require_sealed and isinstance(env, protocol.ChargingData | protocol.ChargeCompletion):
-                return "not sealed (this Central requires sealed CP records)"
-            return item
-        if item.key != env.cp_id:
-            return f"a record keyed {item.key!r} is sealed for CP {env.cp_id}"
-        if self.keyring is None:
-            return f"a sealed record of CP {env.cp_id}, and this Central has no CP keys (--enroll open)"
-        try:
-            inner = self.keyring.open(env, topic=item.topic, partition=item.partition, offset=item.offset)
-        except SecurityError as exc:
-            return str(exc)
-        self.stats["opened"] += 1
-        return dataclasses.replace(item, message=inner)
 
     def _telemetry(self, records: list[protocol.ChargingData] | None) -> None:
         if records and not self.directory.tell(f"session:{records[0].session_id}",

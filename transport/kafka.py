@@ -618,6 +618,10 @@ class ConsumerPump(SupervisedActor):
                 if not batch:
                     continue
                 items = tuple(self._inbound(r) for records in batch.values() for r in records)
+                # The client's record objects are not needed past this point: let them go now rather
+                # than after the target handled the poll (thousands of objects fewer for the garbage
+                # collector to walk while the poll is being handled).
+                del batch
                 if not self._handle(items):
                     return
                 if self.group_id is not None:
