@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from transport.http_common import read_refusal
+
 __all__ = ["CentralApiClient", "ApiError", "ApiRefused", "ServerEvent"]
 
 
@@ -201,18 +203,5 @@ def _query(**params: Any) -> str:
 
 
 def _refusal(exc: urllib.error.HTTPError) -> ApiRefused:
-    try:
-        data = json.loads(exc.read() or b"null")
-    except (ValueError, OSError):
-        data = None
-    message = f"API_Central answered {exc.code} {exc.reason}"
-    if isinstance(data, dict):
-        text = data.get("detail")
-        if isinstance(text, str) and text:
-            message = text
-    retry = exc.headers.get("Retry-After") if exc.headers else None
-    try:
-        retry_after = float(retry) if retry else None
-    except ValueError:
-        retry_after = None
+    message, data, retry_after = read_refusal(exc, f"API_Central answered {exc.code} {exc.reason}")
     return ApiRefused(message, exc.code, retry_after, data)

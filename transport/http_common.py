@@ -33,6 +33,7 @@ import secrets
 import socket
 import stat
 import threading
+import urllib.error
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -481,3 +482,24 @@ class ServerThread:
         if self._thread.is_alive():
             self._server.force_exit = True
             self._thread.join(timeout)
+
+
+def read_refusal(exc: urllib.error.HTTPError, fallback: str) -> tuple[str, Any, float | None]:
+    """What a client reads from an HTTP error answer: the server's sentence (its JSON ``detail``,
+    or ``message``; else ``fallback``), the JSON body (None if it is not JSON) and ``Retry-After``
+    in seconds (None if absent or not a number). Shared by the registry and API_Central clients."""
+    try:
+        data = json.loads(exc.read() or b"null")
+    except (ValueError, OSError):
+        data = None
+    message = fallback
+    if isinstance(data, dict):
+        text = data.get("message") or data.get("detail")
+        if isinstance(text, str) and text:
+            message = text
+    retry = exc.headers.get("Retry-After") if exc.headers else None
+    try:
+        retry_after = float(retry) if retry else None
+    except ValueError:
+        retry_after = None
+    return message, data, retry_after

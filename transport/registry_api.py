@@ -49,7 +49,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from transport import protocol, security
-from transport.http_common import MAX_BODY_BYTES, BodyLimit, TokenGate, error_list, sentence
+from transport.http_common import MAX_BODY_BYTES, BodyLimit, TokenGate, error_list, read_refusal, sentence
 from transport.http_common import client_address as _address
 
 if TYPE_CHECKING:
@@ -408,18 +408,5 @@ class RegistryClient:
 
 
 def _refusal(exc: urllib.error.HTTPError) -> RegistryError:
-    try:
-        data = json.loads(exc.read() or b"null")
-    except (ValueError, OSError):
-        data = None
-    message = f"the registry answered {exc.code} {exc.reason}"
-    if isinstance(data, dict):
-        text = data.get("message") or data.get("detail")
-        if isinstance(text, str) and text:
-            message = text
-    retry = exc.headers.get("Retry-After") if exc.headers else None
-    try:
-        retry_after = float(retry) if retry else None
-    except ValueError:
-        retry_after = None
+    message, _data, retry_after = read_refusal(exc, f"the registry answered {exc.code} {exc.reason}")
     return RegistryError(message, exc.code, retry_after)
