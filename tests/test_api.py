@@ -324,14 +324,24 @@ def test_oversized_bodies_are_refused_413_declared_or_chunked(api: Api) -> None:
         for _ in range(40):
             yield b"x" * 1000
 
-    req = urllib.request.Request(api.info.url + "/api/weather/locations", data=chunks(), method="POST",
-                                 headers={"Authorization": f"Bearer {api.info.token}",
-                                          "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
     ctx = ssl.create_default_context(cafile=api.info.ca_path)
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(req, context=ctx, timeout=10)
+    # The server answers 413 and closes while the client may still be sending chunks: the client then
+    # sometimes loses the answer to the reset (a race of the client's, not a second outcome of the
+    # server's). Up to three tries; the answer that arrives must be the 413 with its sentence.
+    for attempt in range(3):
+        req = urllib.request.Request(api.info.url + "/api/weather/locations", data=chunks(), method="POST",
+                                     headers={"Authorization": f"Bearer {api.info.token}",
+                                              "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        try:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, context=ctx, timeout=10)
+            break
+        except urllib.error.URLError:
+            if attempt == 2:
+                raise
     assert refused.value.code == 413
     assert "larger than" in sentence(json.loads(refused.value.read()))
+    assert api.client.health()  # and it goes on serving
 
 
 def test_an_oversized_request_head_is_refused_before_the_app(api: Api) -> None:
