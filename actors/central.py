@@ -343,7 +343,7 @@ class CentralActor(SupervisedActor):
                 for p in items:
                     self._on_progress(p)
             case SupplyFinished(cp_id, session_id):
-                return self._on_supply_finished(cp_id, session_id)
+                return self._on_completion(cp_id, session_id)
             case SessionBilled():
                 self._on_billed(message)
             case LinkUp():
@@ -714,6 +714,17 @@ class CentralActor(SupervisedActor):
             cp.supplying = True  # telemetry proves the plug-in even if supply_started was lost
             self._refresh(cp)
         self._dirty = True
+
+    def _on_completion(self, cp_id: str, session_id: str) -> str:
+        """A session actor is about to bill the CP's vetted completion of ``session_id``: the CP
+        supplied it. If the charge_request that opened it is still unanswered (Central died while
+        waiting for the CP, and the supply ended before the CP showed it in a heartbeat), the
+        driver is answered now, before its ticket, so it knows whose ticket that is."""
+        self._unconfirmed.discard(session_id)
+        cp = self.cps.get(cp_id)
+        if cp is not None:
+            self._answer_reloaded(cp, session_id)
+        return self._on_supply_finished(cp_id, session_id)
 
     def _on_supply_finished(self, cp_id: str, session_id: str) -> str:
         cp = self.cps.get(cp_id)

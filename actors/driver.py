@@ -171,7 +171,7 @@ class DriverActor(SupervisedActor):
         self._hello_retry: threading.Timer | None = None
         self._live: _Live | None = None
         self._tickets_seen: list[str] = []
-        self._ticket_set: set[str] = set()
+        self._tickets: dict[str, protocol.TicketInfo] = {}  # shown, by session id
         self._events_seen: set[tuple[str, str]] = set()
         self._cancelled: set[str] = set()
         # the services runner's progress, as it last told it (for the asks)
@@ -313,14 +313,14 @@ class DriverActor(SupervisedActor):
         active = msg.active_session
         adopted: protocol.ActiveSessionInfo | None = None
         plugged = False
-        if active is not None and active.session_id not in self._ticket_set | self._cancelled:
+        if active is not None and active.session_id not in self._tickets.keys() | self._cancelled:
             live = self._adopt(active.session_id, active.cp_id)
             live.energy_kwh, live.cost_eur = active.energy_kwh, active.cost_eur
             live.plugged = live.plugged or active.started_at is not None or active.state.upper() == "SUPPLYING" \
                 or active.energy_kwh > 0
             adopted, plugged = active, live.plugged
             self._live_changed()
-        fresh = [t for t in msg.tickets if t.session_id not in self._ticket_set]
+        fresh = [t for t in msg.tickets if t.session_id not in self._tickets]
         self._show(m.HelloNews(msg, adopted, plugged, len(fresh)))
         for t in msg.tickets:
             self._on_ticket(t)
@@ -437,6 +437,12 @@ class DriverActor(SupervisedActor):
             return
         if pending.timer is not None:
             pending.timer.cancel()
+        if msg.status == "authorized" and msg.session_id in self._tickets:
+            # its ticket came first (Central answered after a restart): the service is done
+            if pending.for_service is not None:
+                self._to_services(m.ServiceAuthorised(pending.for_service, msg.session_id))
+                self._to_services(m.TicketShown(self._tickets[msg.session_id]))
+            return
         if msg.status == "authorized" and msg.session_id:
             self._announce(msg.session_id, msg.cp_id)
             self._adopt(msg.session_id, msg.cp_id)
@@ -478,7 +484,7 @@ class DriverActor(SupervisedActor):
                                                                 correlation_id=corr), "stop request")
 
     def _on_event(self, ev: protocol.SupplyEvent) -> None:
-        if ev.session_id in self._ticket_set:
+        if ev.session_id in self._tickets:
             return  # late or replayed news about a supply already billed
         key = (ev.session_id, f"{ev.event}:{ev.detail or ''}")
         if key in self._events_seen:
@@ -533,7 +539,7 @@ class DriverActor(SupervisedActor):
         return True
 
     def _on_status_update(self, up: protocol.ChargingStatusUpdate) -> None:
-        if up.session_id in self._ticket_set or up.session_id in self._cancelled:
+        if up.session_id in self._tickets or up.session_id in self._cancelled:
             return
         live = self._live
         if live is None or live.session_id != up.session_id:
@@ -550,13 +556,13 @@ class DriverActor(SupervisedActor):
     def _on_ticket(self, t: protocol.Ticket | protocol.TicketInfo) -> None:
         """Show a ticket once, acknowledge it every time (an ack may have been lost)."""
         self._publish(protocol.TicketAck(driver_id=self.driver_id, session_id=t.session_id), "ticket ack")
-        if t.session_id in self._ticket_set:
+        if t.session_id in self._tickets:
             return
-        self._ticket_set.add(t.session_id)
         self._tickets_seen.append(t.session_id)
         info = protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
                                    energy_kwh=t.energy_kwh, cost_eur=t.cost_eur, started_at=t.started_at,
                                    ended_at=t.ended_at, end_reason=t.end_reason)
+        self._tickets[t.session_id] = info
         self._show(m.TicketNews(info))
         if self._live is not None and self._live.session_id == t.session_id:
             self._drop_live()

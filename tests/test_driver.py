@@ -54,7 +54,8 @@ class EndSupply:
 
 class FakeCentral(SupervisedActor):
     """``plan`` maps a CP id to 'authorize' (whole supply and ticket at once),
-    'hold' (authorised, supplying until EndSupply or stop), 'deny' or 'ignore'."""
+    'hold' (authorised, supplying until EndSupply or stop), 'ticket-first' (the ticket, then
+    the request's answer), 'deny' or 'ignore'."""
 
     def __init__(self, directory: Directory, *, plan: dict[str, str] | None = None,
                  cps: tuple[protocol.CpInfo, ...] = (), live: dict[str, protocol.ActiveSessionInfo] | None = None,
@@ -106,6 +107,13 @@ class FakeCentral(SupervisedActor):
                                                           cp_id=cp, reason=f"CP {cp} is BROKEN"))
                 elif plan in ("authorize", "hold"):
                     self._authorize(d, cp, corr, end=plan == "authorize")
+                elif plan == "ticket-first":  # Central restarted before answering; the supply went on
+                    sid = f"S-{cp}"
+                    self.live[d] = protocol.ActiveSessionInfo(session_id=sid, cp_id=cp, energy_kwh=0.05,
+                                                              cost_eur=0.02, state="SUPPLYING")
+                    self._end(d, "unplugged")
+                    self._send(d, protocol.ChargeResponse(driver_id=d, correlation_id=corr, status="authorized",
+                                                          cp_id=cp, session_id=sid))
             case protocol.StopChargingRequest(driver_id=d, session_id=sid, correlation_id=corr):
                 self._send(d, protocol.StopChargingResponse(driver_id=d, correlation_id=corr, status="ok",
                                                             session_id=sid))
@@ -262,6 +270,22 @@ def test_services_file_ticket_denied_unavailable_with_pause(kafka_settings, syst
     assert "CP1: 0.006 kWh · 0.00 € · 7.4 kW" in lines
     assert any("Denied at CP2: CP CP2 is BROKEN" in m for m in lines)
     assert any("Central is unavailable" in m and "CP3" in m for m in lines)
+    assert [m.session_id for _, m in requests_of(central, protocol.TicketAck)] == ["S-CP1"]
+
+
+def test_a_ticket_before_its_requests_answer_ends_that_service_with_the_ticket(kafka_settings, systems, driver_log,
+                                                                             tmp_path) -> None:
+    """Central died while the CP was being asked, the supply happened meanwhile, and the restarted
+    Central answers the charge request only when it bills: the ticket may reach the driver first.
+    The service still ends in that ticket (not 'unavailable' after the request timeout)."""
+    services = tmp_path / "services.txt"
+    services.write_text("CP1\n")
+    central = start_fake_central(kafka_settings, systems, plan={"CP1": "ticket-first"})
+    driver = start(kafka_settings, systems, "d7", services_file=str(services), request_timeout=30.0)
+    wait_until(lambda: driver.ask("driver", DriverStatus())["done"], timeout=20, what="the service done")
+    (result,) = driver.ask("driver", DriverResults())
+    assert (result["outcome"], result["session_id"]) == ("ticket", "S-CP1"), result
+    assert result["ticket"]["energy_kwh"] == pytest.approx(0.05)
     assert [m.session_id for _, m in requests_of(central, protocol.TicketAck)] == ["S-CP1"]
 
 
