@@ -45,9 +45,10 @@ test-fast: lint browser
 demo: $(STAMP)
 	$(VENV)/bin/evcharging up --cps 3 --drivers 2 --services 10 --supply-seconds 8 --power-kw 150
 
-## make bench: speed and scale figures (prints a table; does not gate CI)
+## make bench: speed and scale figures (prints a table; does not gate CI); REPEAT=3 for min/median/max
+REPEAT ?= 1
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all --repeat $(REPEAT)
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache *.egg-info

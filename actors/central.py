@@ -33,7 +33,6 @@ re-learns which CP is on which link.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,7 +60,7 @@ from actors.operations import (  # AdminCommand is imported from here too
     WeatherView,
 )
 from actors.panel import FAULT_MARK, OPERATOR, WEATHER, CpTile, MessageRow, PanelSnapshot, RequestRow, WeatherRow
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, schedule, tell
 from actors.session import SessionActor
 from actors.weather_state import Outcome, WeatherBook, console_lines, row_dict
 from persistence import Conflict, Repository, SessionRecord
@@ -177,7 +176,7 @@ class _Pending:
     origin: str  # "driver" or "cp"
     request_correlation: str
     link: pykka.ActorRef[Any]
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -880,10 +879,15 @@ class CentralActor(SupervisedActor):
         self._unconfirmed.discard(sid)
         cp.idle_since = None
         if figures is None and rec.status == "authorized" and max(cp.seq, rec.last_seq) == 0 and not cp.supplying:
-            self.repo.cancel_session(sid, why, time.time(), by="central")
+            unanswered = self.repo.pending_request_of(sid)  # Central died before the CP answered it
+            self.repo.cancel_session(sid, why, time.time(), by="central")  # ...which denies that request
             self.repo.audit("central", cp.cp_id, "session_cancelled", f"{sid}: {why}")
             self._cancel_at_cp(cp.cp_id, sid, why)
             self._driver_event(rec.driver_id, sid, cp.cp_id, "denied", f"session cancelled: {why}")
+            if unanswered is not None:
+                self._to_driver(rec.driver_id, protocol.ChargeResponse(
+                    driver_id=rec.driver_id, correlation_id=unanswered.correlation_id, status="denied",
+                    cp_id=cp.cp_id, session_id=sid, reason=f"session cancelled: {why}"[:protocol.REASON_MAX_LEN]))
             self._on_supply_finished(cp.cp_id, sid)
             self._note(f"Session {sid} at CP {cp.cp_id} cancelled: {why}")
             return f"session {sid} cancelled (nothing was supplied)"
@@ -1081,6 +1085,12 @@ class CentralActor(SupervisedActor):
                    for p in self._pending.values()):
                 log.info("Charge request %s of driver %s again: its answer follows when CP %s answers",
                          corr, d, stored.cp_id)
+                return True
+            if sid in self._unconfirmed:
+                # reloaded after a restart and not yet shown by the CP: the CP's next heartbeat
+                # or completion decides, and the request is answered then (authorized or denied)
+                log.info("Charge request %s of driver %s again: its answer follows when CP %s confirms or "
+                         "drops session %s", corr, d, stored.cp_id, sid)
                 return True
             session = self.repo.get_session(sid) if sid else None
             if session is None or session.status == "cancelled":

@@ -26,7 +26,6 @@ tickets (by session id), telemetry (by seq) and supply events.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 import pykka
 
 from actors import driver_messages as m
-from actors.runtime import Directory, SupervisedActor, Supervision, backoff_strategy, schedule
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, backoff_strategy, schedule
 from transport import protocol, security
 from transport.kafka import Delivery, Inbound, Publish, Published, PublishFailed, PumpDown, PumpUp
 
@@ -89,7 +88,7 @@ class _Pending:
     kind: m.RequestKind
     cp_id: str | None = None
     session_id: str | None = None
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
     for_service: int | None = None  # index of the file service this charge request is for
     expired: bool = False  # its timeout passed; a late answer may still come
 
@@ -106,7 +105,7 @@ class _Live:
     power_kw: float = 0.0
     last_seq: int = 0
     last_news: float = field(default_factory=time.monotonic)
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -162,13 +161,13 @@ class DriverActor(SupervisedActor):
         self._online = False
         self._cps_after: str | None = None  # next_after of the last page of CPs shown
         self._deferred: list[m.Command] = []
-        self._timers: list[threading.Timer] = []
+        self._timers: list[Scheduled] = []
         # requests and supply
         self._pending: dict[str, _Pending] = {}
         self._expired: OrderedDict[str, _Pending] = OrderedDict()
         self._hello_attempts = 0
         self._hello_answered = False
-        self._hello_retry: threading.Timer | None = None
+        self._hello_retry: Scheduled | None = None
         self._live: _Live | None = None
         self._tickets_seen: list[str] = []
         self._tickets: dict[str, protocol.TicketInfo] = {}  # shown, by session id
@@ -234,8 +233,8 @@ class DriverActor(SupervisedActor):
         return None
 
     # --- timers, publishing, telling ------------------------------------------------
-    def _later(self, delay: float, message: Any) -> threading.Timer:
-        self._timers = [t for t in self._timers if t.is_alive()]
+    def _later(self, delay: float, message: Any) -> Scheduled:
+        self._timers = [t for t in self._timers if t.active()]
         timer = schedule(delay, self.actor_ref, message)
         self._timers.append(timer)
         return timer
@@ -519,6 +518,12 @@ class DriverActor(SupervisedActor):
             if pending.for_service is not None:
                 self._to_services(m.ServiceFailed(pending.for_service, "denied", ev.detail or "denied",
                                                   ev.session_id))
+        elif ev.event == "denied" and live is not None:
+            # authorised, then cancelled by Central before any supply: no ticket will come
+            self._cancelled.add(ev.session_id)
+            self._drop_live()
+            self._live_changed()
+            self._to_services(m.SessionCancelled(ev.session_id, ev.detail or "denied"))
         elif ev.event == "plugged_in":
             if live is None and ev.session_id not in self._cancelled:
                 live = self._adopt(ev.session_id, ev.cp_id)

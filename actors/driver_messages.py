@@ -123,6 +123,15 @@ class ServiceFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionCancelled:
+    """driver → services: Central cancelled session ``session_id`` after authorising it (nothing
+    was supplied, so no ticket will come): the service that waited for its ticket ends denied."""
+
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class TicketShown:
     """driver → services: a ticket shown for the first time."""
 

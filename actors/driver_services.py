@@ -16,13 +16,12 @@ was at instead of starting the file again.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors import driver_messages as m
-from actors.runtime import Directory, SupervisedActor, Supervision, schedule
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, schedule
 from transport import protocol
 
 log = logging.getLogger("evcharging.driver")
@@ -79,7 +78,7 @@ class ServicesRunner(SupervisedActor):
         # a runner that starts again in the middle of the file must first learn
         # whether the driver still waits for the service in progress
         self._resume = self.p.started and not self.p.finished
-        self._timer: threading.Timer | None = None
+        self._timer: Scheduled | None = None
 
     # --- lifecycle -------------------------------------------------------------
     def setup(self) -> None:
@@ -103,6 +102,9 @@ class ServicesRunner(SupervisedActor):
             case m.ServiceFailed(service, outcome, reason, session_id) if service == self.p.index:
                 if self.p.started and not self.p.finished:
                     self._ended(outcome, session_id=session_id, reason=reason)
+            case m.SessionCancelled(session_id, reason):
+                if self.p.started and not self.p.finished and self.p.current_session == session_id:
+                    self._ended("denied", session_id=session_id, reason=reason)
             case m.TicketShown(ticket):
                 self._on_ticket(ticket)
             case m.LiveChanged(active, tickets_seen):

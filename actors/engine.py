@@ -40,7 +40,7 @@ import pykka
 
 from actors.console import ConsoleLine
 from actors.engine_pairing import EngineCredential, EnginePairing
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from persistence import EngineJournal, JournalEntry, PersistenceError
 from transport import protocol
 from transport.kafka import Publish, Published, PublishFailed
@@ -145,7 +145,7 @@ class _Supply:
     seq: int = 0
     energy_kwh: float = 0.0
     cost_eur: float = 0.0
-    timers: list[threading.Timer] = field(default_factory=list)
+    timers: list[Scheduled] = field(default_factory=list)
     ticker: Ticker | None = None
 
     def cancel(self) -> None:
@@ -163,7 +163,7 @@ class _Pending:
 
     completion: protocol.ChargeCompletion
     attempt: int = 0
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
     held: bool = False  # waiting for a key to seal it with (a credential, and the Monitor has none yet)
 
 

@@ -32,7 +32,6 @@ link to Central: the Monitor reconnects, authenticates and gets a new key.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ import pykka
 from actors.console import ConsoleLine
 from actors.cp_state import CpState, derive_state
 from actors.gatekeeper import retry_after_of
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, schedule, tell
 from transport import protocol, security
 from transport.link import Admit, Close, FrameIn, FrameRejected, LinkDown, LinkUp, Send
 from transport.security import Credential, LinkSeal, SecurityError
@@ -173,7 +172,7 @@ class MonitorActor(SupervisedActor):
         self._register_id: str | None = None
         self._registrations = 0
         self._stop_confirmed = False
-        self._timers: list[threading.Timer] = []
+        self._timers: list[Scheduled] = []
         self._tickers: list[Ticker] = []
         self._state = CpState.DISCONNECTED
         # Authentication (with a credential): per side, the challenge in flight and whether the link is admitted
@@ -209,7 +208,7 @@ class MonitorActor(SupervisedActor):
             timer.cancel()
 
     def _later(self, delay: float, message: Any) -> None:
-        self._timers = [t for t in self._timers if t.is_alive()]
+        self._timers = [t for t in self._timers if t.active()]
         self._timers.append(schedule(delay, self.actor_ref, message))
 
     # --- messages ---------------------------------------------------------------

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from actors.ocpp_meter import (
     power_between,
 )
 from actors.ocpp_records import Records, SendCompletion
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, schedule, tell
 from persistence.ocpp_journal import AUTHORIZED, CHARGING, DROPPED, LIVE, REFUSED, STOPPED, OcppJournal, TxRow
 from transport import protocol, security
 from transport.kafka import Published, PublishFailed
@@ -164,7 +163,7 @@ class _Local:
     kind: str  # "authorize" | "start"
     reply: Reply
     start: tuple[int, float, str, float] | None = None  # connector, meter start (Wh), start key, started at
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
 
 
 def _tag(status: str) -> dict[str, Any]:
@@ -221,9 +220,9 @@ class OcppChargerActor(SupervisedActor):
         self._row: TxRow | None = None  # the charger's live supply (authorised or charging), as journaled
         self._local: dict[str, _Local] = {}
         self._remote: dict[str, str] = {}  # session id -> Central's correlation id, while the charger decides
-        self._plug: dict[str, threading.Timer] = {}
+        self._plug: dict[str, Scheduled] = {}
         self.records: Records | None = None  # the Engine half (Kafka): made in setup (it needs our ref)
-        self._timers: list[threading.Timer] = []
+        self._timers: list[Scheduled] = []
         self._ticker: Ticker | None = None
         self._ticks = 0
         self.stats = {"meter_values": 0, "lower_readings": 0, "skipped_values": 0, "duplicate_stops": 0}
@@ -280,8 +279,8 @@ class OcppChargerActor(SupervisedActor):
         # The connection is not closed here: a restarted actor goes on with it. The charger's
         # supervisor closes it when the tree stops (supervisors/ocpp_system.py, ChargerTree).
 
-    def _later(self, delay: float, message: Any) -> threading.Timer:
-        self._timers = [t for t in self._timers if t.is_alive()]
+    def _later(self, delay: float, message: Any) -> Scheduled:
+        self._timers = [t for t in self._timers if t.active()]
         timer = schedule(delay, self.actor_ref, message)
         self._timers.append(timer)
         return timer

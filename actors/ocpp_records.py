@@ -18,7 +18,6 @@ Not an actor: :class:`Records` lives inside :class:`~actors.ocpp_charger.OcppCha
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Final
 
 import pykka
 
-from actors.runtime import Directory, backoff_strategy, schedule
+from actors.runtime import Directory, Scheduled, backoff_strategy, schedule
 from persistence.ocpp_journal import OcppJournal, TxRow
 from transport import protocol
 from transport.kafka import Publish
@@ -54,7 +53,7 @@ class _Pending:
 
     completion: protocol.ChargeCompletion
     attempt: int = 0
-    timer: threading.Timer | None = None
+    timer: Scheduled | None = None
     held: bool = False  # waiting for a key to seal it with
 
 

@@ -8,13 +8,16 @@ stop) to the supervisor that started it. The supervisor side lives in
 ``transport/`` imports: transport actors (connections, Kafka pumps) derive
 from the same base as the domain actors, but never import a domain actor.
 
-Actors never sleep: :func:`schedule` starts a timer thread that ``tell``s a
-message back later, and :class:`Ticker` does so periodically.
+Actors never sleep: :func:`schedule` has the process's one timer thread
+``tell`` a message back later, and :class:`Ticker` does so periodically.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -139,16 +142,91 @@ def tell(ref: pykka.ActorRef[Any] | None, message: Any) -> bool:
         return False
 
 
-def schedule(delay: float, ref: pykka.ActorRef[Any], message: Any) -> threading.Timer:
-    """Tell ``message`` to ``ref`` after ``delay`` seconds; cancel() to abort.
+class Scheduled:
+    """A message :func:`schedule` will tell later; :meth:`cancel` before then and it never is."""
 
-    The timer thread is a daemon: it only ever performs one ``tell``, so
-    being cut short at interpreter exit cannot leave anything half-written.
+    __slots__ = ("done", "message", "ref")
+
+    def __init__(self, ref: pykka.ActorRef[Any], message: Any) -> None:
+        self.ref = ref
+        self.message = message
+        self.done = False  # told or cancelled
+
+    def cancel(self) -> None:
+        self.done = True
+
+    def active(self) -> bool:
+        """Still to be told."""
+        return not self.done
+
+
+class _TimerThread:
+    """The process's one timer thread: a heap of deadlines on a monotonic clock.
+
+    Why not a ``threading.Timer`` per call: a link arms an ACK timer for every frame
+    it sends, so at 1,000 CPs that was 1,000 thread starts a second and a thousand
+    threads alive at any moment. A cancelled entry stays in the heap until its
+    deadline and is then dropped, which bounds the heap by rate x longest delay.
+    Its only work is one ``tell`` per deadline, so being a daemon cut short at
+    interpreter exit leaves nothing half-written.
     """
-    timer = threading.Timer(max(0.0, delay), tell, args=(ref, message))
-    timer.daemon = True
-    timer.start()
-    return timer
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Scheduled]] = []
+        self._order = itertools.count()  # equal deadlines fire in the order they were set
+        self._wake = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, delay: float, ref: pykka.ActorRef[Any], message: Any) -> Scheduled:
+        item = Scheduled(ref, message)
+        when = time.monotonic() + max(0.0, delay)
+        with self._wake:
+            if self._thread is None or self._pid != os.getpid():  # first use, or a forked child
+                self._heap = [e for e in self._heap if self._pid == os.getpid()]
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (when, next(self._order), item))
+            if self._heap[0][2] is item:
+                self._wake.notify()  # the new deadline is the nearest: the thread sleeps less
+        return item
+
+    def pending(self) -> int:
+        """Entries in the heap (cancelled ones included, until their deadline)."""
+        with self._wake:
+            return len(self._heap)
+
+    def _run(self) -> None:
+        heap = self._heap
+        while True:
+            with self._wake:
+                heap = self._heap
+                now = time.monotonic()
+                while not heap or heap[0][0] > now:
+                    self._wake.wait(heap[0][0] - now if heap else None)
+                    heap = self._heap
+                    now = time.monotonic()
+                due = []
+                while heap and heap[0][0] <= now:
+                    due.append(heapq.heappop(heap)[2])
+            for item in due:
+                if not item.done:
+                    item.done = True
+                    tell(item.ref, item.message)
+
+
+_timers = _TimerThread()
+
+
+def schedule(delay: float, ref: pykka.ActorRef[Any], message: Any) -> Scheduled:
+    """Tell ``message`` to ``ref`` after ``delay`` seconds; ``cancel()`` the result to abort."""
+    return _timers.add(delay, ref, message)
+
+
+def pending_timers() -> int:
+    """How many timer entries the process holds (for tests and the bench)."""
+    return _timers.pending()
 
 
 class Ticker:

@@ -1,7 +1,10 @@
 """``make bench``: the benchmarks, each in its own process, then one summary table.
 
+With ``--repeat N`` (``make bench REPEAT=N``) it runs all of it N times and prints min / median / max per
+figure; a target counts as met only if every run met it.
+
 Order: ingest (plain and sealed), latency, restart, scale, durability, auth, api.
-Each benchmark gets a time budget (its cap, or what is left of the 12.5-minute total); one that overruns is
+Each benchmark gets a time budget (its cap, or what is left of the total, 740 s by default); one that overruns is
 stopped and reported as not finished, the others still run. Results (the
 table, every row's note and each benchmark's details) are written to
 ``run/bench/<time>-summary.json`` and ``.md`` (each run's logs and databases
@@ -45,7 +48,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=740.0, help="total seconds for all of them")
     p.add_argument("--quick", action="store_true", help="small sizes, for trying the harness (figures not comparable)")
     p.add_argument("--only", nargs="*", default=None, help="run only these (ingest latency restart scale durability auth api)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run everything this many times; the table shows min / median / max and a target is met "
+                        "only if the worst run meets it")
     args = p.parse_args(argv)
+    if args.repeat > 1:
+        return repeat(args)
+    return one_run(args)
+
+
+def repeat(args: argparse.Namespace) -> int:
+    """``make bench REPEAT=N``: N whole runs one after the other, then one table over them."""
+    out_dir = ROOT / "run" / "bench"
+    runs: list[dict[str, object]] = []
+    for n in range(1, args.repeat + 1):
+        print(f"\n##### run {n} of {args.repeat} #####", flush=True)
+        before = set(out_dir.glob("*-summary.json")) if out_dir.exists() else set()
+        one_run(argparse.Namespace(**{**vars(args), "repeat": 1}))
+        (made,) = set(out_dir.glob("*-summary.json")) - before
+        runs.append(json.loads(made.read_text()))
+    table, rows = combine(runs)
+    met = [r for r in rows if r["met"] is not None]
+    print(f"\n=== {args.repeat} runs, {time.strftime('%Y-%m-%d')}: min / median / max; met = met in every run ===")
+    print(table)
+    print(f"\n{sum(bool(r['met']) for r in met)} of {len(met)} targets met in the worst of {args.repeat} runs.")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"{stamp}-repeat{args.repeat}.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs, "rows": rows}, indent=2, default=str),
+        encoding="utf-8")
+    (out_dir / f"{stamp}-repeat{args.repeat}.md").write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+def combine(runs: list[dict[str, object]]) -> tuple[str, list[dict[str, object]]]:
+    """One row per figure over the runs: min / median / max of its value, met only if met in every run."""
+    order: list[str] = []
+    by_figure: dict[str, list[dict[str, object]]] = {}
+    for run in runs:
+        for r in run["rows"]:
+            if r["figure"] not in by_figure:
+                order.append(r["figure"])
+            by_figure.setdefault(r["figure"], []).append(r)
+    rows: list[dict[str, object]] = []
+    lines = [("figure", "min", "median", "max", "target", "met (worst run)")]
+    for figure in order:
+        got = by_figure[figure]
+        values = sorted(float(r["value"]) for r in got if r["value"] is not None)
+        unit = str(got[0].get("unit") or "")
+        mets = [r["met"] for r in got]
+        met = None if all(m is None for m in mets) else (len(got) == len(runs) and all(bool(m) for m in mets))
+        mid = values[len(values) // 2] if values else None
+        rows.append({"figure": figure, "unit": unit, "values": values, "runs": len(got), "target": got[0]["target"],
+                     "met": met})
+        lines.append((figure, fmt(values[0] if values else None, unit), fmt(mid, unit),
+                      fmt(values[-1] if values else None, unit), str(got[0]["target"] or "—"),
+                      "—" if met is None else ("yes" if met else f"NO ({sum(bool(m) for m in mets)}/{len(runs)})")))
+    widths = [max(len(line[i]) for line in lines) for i in range(6)]
+    out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out), rows
+
+
+def one_run(args: argparse.Namespace) -> int:
     out_dir = ROOT / "run" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

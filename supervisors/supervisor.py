@@ -27,7 +27,6 @@ replacement.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -36,7 +35,7 @@ from typing import Any, Literal
 
 import pykka
 
-from actors.runtime import ChildExited, Directory, SupervisedActor, Supervision, backoff_strategy, schedule
+from actors.runtime import ChildExited, Directory, Scheduled, SupervisedActor, Supervision, backoff_strategy, schedule
 
 log = logging.getLogger("evcharging.supervisor")
 
@@ -137,7 +136,7 @@ class Supervisor(SupervisedActor):
         self._stopping = False
         self._incidents: dict[int, list[str]] = {}  # pending restart -> names, in start order
         self._next_incident = 0
-        self._timers: dict[int, threading.Timer] = {}
+        self._timers: dict[int, Scheduled] = {}
 
     # --- lifecycle ------------------------------------------------------------
     def setup(self) -> None:

@@ -55,7 +55,7 @@ class EndSupply:
 class FakeCentral(SupervisedActor):
     """``plan`` maps a CP id to 'authorize' (whole supply and ticket at once),
     'hold' (authorised, supplying until EndSupply or stop), 'ticket-first' (the ticket, then
-    the request's answer), 'deny' or 'ignore'."""
+    the request's answer), 'cancel-after-authorize', 'deny' or 'ignore'."""
 
     def __init__(self, directory: Directory, *, plan: dict[str, str] | None = None,
                  cps: tuple[protocol.CpInfo, ...] = (), live: dict[str, protocol.ActiveSessionInfo] | None = None,
@@ -107,6 +107,11 @@ class FakeCentral(SupervisedActor):
                                                           cp_id=cp, reason=f"CP {cp} is BROKEN"))
                 elif plan in ("authorize", "hold"):
                     self._authorize(d, cp, corr, end=plan == "authorize")
+                elif plan == "cancel-after-authorize":  # the CP never ran it: Central cancels it
+                    self._authorize(d, cp, corr, end=False)
+                    self.live.pop(d, None)
+                    self._send(d, protocol.SupplyEvent(driver_id=d, session_id=f"S-{cp}", cp_id=cp, event="denied",
+                                                       detail="session cancelled: CP is not running it"))
                 elif plan == "ticket-first":  # Central restarted before answering; the supply went on
                     sid = f"S-{cp}"
                     self.live[d] = protocol.ActiveSessionInfo(session_id=sid, cp_id=cp, energy_kwh=0.05,
@@ -286,7 +291,23 @@ def test_a_ticket_before_its_requests_answer_ends_that_service_with_the_ticket(k
     (result,) = driver.ask("driver", DriverResults())
     assert (result["outcome"], result["session_id"]) == ("ticket", "S-CP1"), result
     assert result["ticket"]["energy_kwh"] == pytest.approx(0.05)
-    assert [m.session_id for _, m in requests_of(central, protocol.TicketAck)] == ["S-CP1"]
+    wait_until(lambda: [m.session_id for _, m in requests_of(central, protocol.TicketAck)] == ["S-CP1"],
+               what="the ticket acknowledged")
+
+
+def test_a_session_cancelled_after_its_authorisation_ends_the_service_denied(kafka_settings, systems, driver_log,
+                                                                             tmp_path) -> None:
+    """Authorised, then Central cancels the session (the CP never ran it): no ticket will come, so
+    the service ends 'denied' with Central's reason instead of waiting for a ticket forever."""
+    services = tmp_path / "services.txt"
+    services.write_text("CP1\n")
+    start_fake_central(kafka_settings, systems, plan={"CP1": "cancel-after-authorize"})
+    driver = start(kafka_settings, systems, "d8", services_file=str(services), request_timeout=30.0)
+    wait_until(lambda: driver.ask("driver", DriverStatus())["done"], timeout=20, what="the service done")
+    (result,) = driver.ask("driver", DriverResults())
+    assert (result["outcome"], result["session_id"]) == ("denied", "S-CP1"), result
+    assert "not running it" in result["reason"]
+    assert driver.ask("driver", DriverStatus())["active_session"] is None
 
 
 def test_other_drivers_records_ignored_and_duplicate_ticket_shown_once(kafka_settings, systems, driver_log) -> None:

@@ -256,7 +256,13 @@ def test_duplicate_and_reordered_engine_records_bill_each_session_once(tmp_path,
             tool.flush()
             first_check = _billing(net)
             before = {sid: [(t.ticket_id, t.energy_kwh) for t in ts] for sid, ts in first_check.tickets.items()}
-            completions = _completions(tool, net.db_path)
+            # every copy is in the topic (legit + the echo's + the late wave) before Central's group is
+            # checked: an injection still being flushed would otherwise be neither counted nor consumed
+            def all_copies() -> dict[str, list[protocol.ChargeCompletion]] | None:
+                found = _completions(tool, net.db_path)
+                return found if all(len(found.get(sid, [])) >= 1 + 2 * 2 + 2 for sid in first_check.supplies) else None
+
+            completions = wait_until(all_copies, timeout=15, interval=0.3, what="every copy in the topic")
             # the late wave is consumed when Central's group has committed past it
             wait_until(lambda: tool.group_caught_up(spec.topic_prefix + "evcharging-central-sessions",
                                                     ("charging_session_data", "charging_session_complete")),

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.runtime import Directory, Supervision, backoff_strategy, schedule, tell
+from actors.runtime import Directory, Scheduled, Supervision, backoff_strategy, schedule, tell
 from transport.link import FramedLink, LinkOptions, _close_socket, handshake_as_client
 
 log = logging.getLogger("evcharging.link")
@@ -73,7 +73,7 @@ class ClientLink(FramedLink):
         self._failures = 0
         self._connected_at: float | None = None
         self._stopping = False
-        self._timer: threading.Timer | None = None
+        self._timer: Scheduled | None = None
 
     @property
     def target(self) -> str:

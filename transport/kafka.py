@@ -36,7 +36,7 @@ from typing import Any
 
 import pykka
 
-from actors.runtime import Directory, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
 from transport import protocol
 from transport.broker import DEAD_SUFFIX, TOPICS, KafkaSettings, ensure_topics
 
@@ -176,7 +176,7 @@ class Publisher(SupervisedActor):
         self._encode = encode
         self._producer: Any = None
         self._backlog: deque[Publish] = deque()
-        self._retry_timer: threading.Timer | None = None
+        self._retry_timer: Scheduled | None = None
         self._delay = backoff_strategy(0.2, 2.0)
         self._outage_attempts = 0
         self._in_flight = 0  # handed to the producer, neither acked nor failed (acks counted apart)

@@ -34,7 +34,7 @@ from typing import Any
 
 import pykka
 
-from actors.runtime import Directory, SupervisedActor, Supervision, schedule, tell
+from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, schedule, tell
 from transport import framing, protocol
 from transport.reader import SocketReader, Watch, shared_reader
 from transport.security import DuplicateFrame, LinkSeal, SecurityError
@@ -188,7 +188,7 @@ class FramedLink(SupervisedActor):
         self._in_flight: bytes | None = None
         self._serial = 0
         self._attempts = 0
-        self._ack_timer: threading.Timer | None = None
+        self._ack_timer: Scheduled | None = None
         self._bad_streak = 0
         self._garbage = 0
         self._rejected = 0
