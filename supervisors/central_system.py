@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import socket
 import ssl
@@ -159,6 +160,9 @@ class CentralSystemConfig:
     group_id: str = setting("evcharging-central",
                             help="Kafka consumer group of Central (the topic prefix is prepended)")
     max_monitors: int = setting(5000, help="Monitor connections accepted at once")
+    telemetry_fetch_wait_ms: int = setting(100, help="longest time (ms) the broker holds one poll of Central's "
+                                                     "telemetry consumer when nothing is new: its idle cost "
+                                                     "(the driver-requests consumer keeps the transport's 10 ms)")
     signature_max_age: float = inherit(CentralConfig, "signature_max_age",
                                        help="seconds a driver's signed request stays valid (older: denied as a replay)")
     api_port: int | None = setting(None, cli_default=API_PORT, parse=parse_api_port,
@@ -213,6 +217,7 @@ SESSIONS_POLL_RECORDS = 2000
 def start_central(config: CentralSystemConfig) -> RunningSystem:
     """Start Central in this process; returns once every child was started."""
     settings = KafkaSettings(bootstrap=config.broker, topic_prefix=config.topic_prefix)
+    telemetry = dataclasses.replace(settings, fetch_max_wait_ms=config.telemetry_fetch_wait_ms)
     try:
         ensure_topics(settings, timeout=5.0)
     except BrokerUnavailable as exc:
@@ -236,7 +241,7 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
                   {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
         ChildSpec("router", SessionRouter, (directory,), {"keyring": keyring, "require_sealed": secured}),
         ChildSpec("sessions-pump", ConsumerPump,
-                  (settings, ("charging_session_data", "charging_session_complete"), "router", directory),
+                  (telemetry, ("charging_session_data", "charging_session_complete"), "router", directory),
                   {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
                    "max_records": SESSIONS_POLL_RECORDS}),
     ]
@@ -359,6 +364,8 @@ def check_config(config: CentralSystemConfig) -> str | None:
         return "--default-price must not be negative"
     if config.max_monitors < 1:
         return "--max-monitors must be at least 1"
+    if config.telemetry_fetch_wait_ms < 1:
+        return "--telemetry-fetch-wait-ms must be at least 1"
     for name in ("auth_timeout", "auth_window"):
         if getattr(config, name) <= 0:
             return f"--{name.replace('_', '-')} must be greater than 0"
