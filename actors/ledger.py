@@ -28,7 +28,7 @@ from actors.messages import (
     Ready,
     VetCompletion,
 )
-from actors.runtime import SupervisedActor, Supervision, Ticker
+from actors.runtime import Drain, FanIn, SupervisedActor, Supervision, Ticker
 from persistence import BillingRejected, Repository, TicketRecord, UnknownSession
 from transport import protocol
 
@@ -50,6 +50,7 @@ class LedgerActor(SupervisedActor):
         self._repo: Repository | None = None
         self._pending: dict[str, tuple[str, int, float, float]] = {}
         self._ticker: Ticker | None = None
+        self._fan_in: FanIn | None = None  # where the session actors' checkpoints wait (known from a Drain)
 
     def setup(self) -> None:
         self._repo = Repository(self.db_path)
@@ -71,13 +72,19 @@ class LedgerActor(SupervisedActor):
         match message:
             case Checkpoint(sid, seq, kwh, eur):
                 self._pending[sid] = (sid, seq, kwh, eur)
+            case Drain(box):  # the session actors' checkpoints, many at once
+                self._fan_in = box
+                for item in box.take():
+                    self.on_receive(item)
             case _Flush():
                 self._flush()
             case MarkSupplying(sid, at):
                 self.repo.mark_supplying(sid, at)
             case VetCompletion(completion, metered):
+                self._take_checkpoints()
                 return self._vet(completion, metered)
             case Bill(completion, cp_state, metered):
+                self._take_checkpoints()
                 return self._bill(completion, cp_state, metered)
             case BillOrphan(completion):
                 try:
@@ -88,11 +95,18 @@ class LedgerActor(SupervisedActor):
                     self.repo.audit("central", completion.cp_id, "unknown_completion", completion.session_id)
                     return None
             case LoadSession(sid):
+                self._take_checkpoints()
                 self._flush()  # the newest checkpoint first
                 return self.repo.get_session(sid)
             case Ready():
                 return True
         return None
+
+    def _take_checkpoints(self) -> None:
+        """Checkpoints still waiting in the fan-in count before a bill or a reload."""
+        if self._fan_in is not None:
+            for item in self._fan_in.take():
+                self.on_receive(item)
 
     def _metered(self, session_id: str, metered_kwh: float) -> float:
         """The newest energy Central saw for the session (a checkpoint not flushed yet counts)."""

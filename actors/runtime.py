@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -267,6 +268,7 @@ class Directory:
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._fan_ins: dict[str, FanIn] = {}
 
     def register(self, name: str, ref: pykka.ActorRef[Any]) -> None:
         with self._lock:
@@ -307,6 +309,68 @@ class Directory:
         """Tell the current actor named ``name``; False if there is none."""
         return tell(self.get(name), message)
 
+    def fan_in(self, name: str) -> FanIn:
+        """The one :class:`FanIn` to the actor named ``name`` (for many senders of frequent messages)."""
+        box = self._fan_ins.get(name)
+        if box is None:
+            with self._lock:
+                box = self._fan_ins.setdefault(name, FanIn(self, name))
+        return box
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._refs)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Drain:
+    """FanIn → its actor: take what waits in ``box`` (:meth:`FanIn.take`) and handle each as a message."""
+
+    box: FanIn
+
+
+class FanIn:
+    """Many senders → one actor, without the mailbox's lock on each sender's path.
+
+    Why: a pykka mailbox is a ``queue.Queue``. At 1,000 CPs a thousand session actors told the
+    one publisher a message a second each, and queued on that queue's mutex: a lock convoy under
+    the GIL (829 of them were waiting there in one py-spy dump, the publisher itself could not
+    take its next message, and Central stalled behind it). Here a sender appends to a deque
+    (atomic under the GIL) and tells the actor one :class:`Drain` unless one is already on its
+    way; the actor takes everything waiting at once. Order per sender is kept.
+
+    A Drain lost with an actor that died is told again by the next sender after
+    ``retell_after`` seconds, so a restarted actor picks up what waited.
+    """
+
+    retell_after = 1.0
+
+    def __init__(self, directory: Directory, name: str) -> None:
+        self._directory = directory
+        self._name = name
+        self._items: deque[Any] = deque()
+        self._told_at = 0.0  # when the pending Drain was told; 0: none pending
+
+    def tell(self, message: Any) -> None:
+        self._items.append(message)
+        told = self._told_at
+        now = time.monotonic()
+        if told and now - told < self.retell_after:
+            return  # the actor will take it with the Drain already on its way
+        self._told_at = now
+        if not self._directory.tell(self._name, Drain(self)):
+            self._told_at = 0.0  # nobody to tell now: the next sender tries again
+
+    def take(self) -> list[Any]:
+        """Everything waiting, oldest first (called by the actor on :class:`Drain`)."""
+        self._told_at = 0.0  # before taking: a message appended from now on gets its own Drain
+        items = self._items
+        out = []
+        try:
+            while True:
+                out.append(items.popleft())
+        except IndexError:
+            return out
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -118,8 +118,9 @@ class SessionActor(SupervisedActor):
             driver_id=r.driver_id, session_id=r.session_id, cp_id=r.cp_id, seq=data.seq,
             energy_kwh=data.energy_kwh, cost_eur=data.cost_eur, power_kw=data.power_kw,
         )
-        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, update))
-        self.directory.tell("ledger", Checkpoint(r.session_id, data.seq, data.energy_kwh, data.cost_eur))
+        # through the fan-ins: a thousand session actors telling the same two mailboxes queue on their locks
+        self.directory.fan_in("publisher").tell(Publish("driver_responses", r.driver_id, update))
+        self.directory.fan_in("ledger").tell(Checkpoint(r.session_id, data.seq, data.energy_kwh, data.cost_eur))
 
     def _complete(self, c: protocol.ChargeCompletion) -> TicketRecord | BillRejected:
         """Bill once (durably, Central's figure) and send the ticket; returns the ticket.
@@ -132,7 +133,8 @@ class SessionActor(SupervisedActor):
         r = self.record
         if self.billed is not None and (c.cp_id, c.driver_id) == (r.cp_id, r.driver_id):
             self.duplicates += 1  # a replay in the moment before this actor stops
-            self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(self.billed)))
+            self.directory.fan_in("publisher").tell(Publish("driver_responses", r.driver_id,
+                                                            ticket_message(self.billed)))
             return self.billed
         ledger = self.directory.get("ledger")
         if ledger is None:  # restarting: not the record's fault, so it must not count as an attempt
@@ -157,5 +159,5 @@ class SessionActor(SupervisedActor):
         self.directory.tell("central", SessionBilled(r.session_id, r.cp_id, r.driver_id, ticket.energy_kwh,
                                                      ticket.cost_eur, ticket.end_reason or c.end_reason, created))
         self.actor_ref.stop(block=False)  # after this message; late duplicates go to the ledger directly
-        self.directory.tell("publisher", Publish("driver_responses", r.driver_id, ticket_message(ticket)))
+        self.directory.fan_in("publisher").tell(Publish("driver_responses", r.driver_id, ticket_message(ticket)))
         return ticket

@@ -27,6 +27,7 @@ kept; anything else is refused with a sentence (the INVALID result).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import unicodedata
@@ -83,6 +84,7 @@ def check_location(value: object) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8192)  # asked for every CP at every panel snapshot; locations rarely change
 def cp_location_keys(cp_location: str) -> tuple[str, ...]:
     """The weather locations a CP at ``cp_location`` is in: its whole location, and the part
     before its first comma ("Madrid, Puerta del Sol" is in "Madrid")."""
@@ -294,6 +296,8 @@ class WeatherBook:
     # --- views -----------------------------------------------------------------------
     def rows(self, cps: Iterable[tuple[str, str]]) -> tuple[WeatherRow, ...]:
         """Every location, by key, with the CPs at it (``cps``: (cp_id, location) pairs)."""
+        if not self._places:
+            return ()
         at: dict[str, list[str]] = {key: [] for key in self._places}
         for cp_id, cp_location in cps:
             for key in cp_location_keys(cp_location):

@@ -207,6 +207,16 @@ class Repository(TrustMixin, WeatherMixin, QueryMixin, SqliteStore):
             if cursor.rowcount == 0:
                 raise UnknownChargingPoint(cp_id)
 
+    def set_cp_states(self, states: dict[str, str]) -> None:
+        """Record many CPs' states in one transaction (one commit, not one per CP); ids not
+        registered are skipped (a CP deleted meanwhile)."""
+        if not states:
+            return
+        now = self._clock()
+        with transaction(self._conn):
+            self._conn.executemany("UPDATE charging_points SET state = ?, updated_at = ? WHERE cp_id = ?",
+                                   [(state, now, cp_id) for cp_id, state in states.items()])
+
     def set_all_cp_states(self, state: str) -> int:
         """Set every CP's state (Central start: all DISCONNECTED until their
         Monitors connect). Returns how many CPs there are."""

@@ -256,6 +256,11 @@ def test_cp_upsert_enroll_list_and_states(repo: Repository) -> None:
 
     with pytest.raises(UnknownChargingPoint, match="CP9"):
         repo.set_cp_state("CP9", "ACTIVE")
+    # Central's tick stores the states that changed, all in one commit; an id deleted meanwhile is skipped
+    repo.set_cp_states({"CP0": "ACTIVE", "CP2": "SUPPLYING", "CP9": "BROKEN"})
+    assert {cp.cp_id: cp.state for cp in repo.list_cps()} == {"CP0": "ACTIVE", "CP1": "DISCONNECTED",
+                                                              "CP2": "SUPPLYING"}
+    repo.set_cp_states({})
     with pytest.raises(ValueError):
         repo.upsert_cp("CP3", "x", -0.1)
     with pytest.raises(ValueError):

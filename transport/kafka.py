@@ -36,7 +36,17 @@ from typing import Any
 
 import pykka
 
-from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, backoff_strategy, schedule, tell
+from actors.runtime import (
+    Directory,
+    Drain,
+    Scheduled,
+    SupervisedActor,
+    Supervision,
+    Ticker,
+    backoff_strategy,
+    schedule,
+    tell,
+)
 from transport import protocol
 from transport.broker import DEAD_SUFFIX, TOPICS, KafkaSettings, ensure_topics
 
@@ -206,6 +216,9 @@ class Publisher(SupervisedActor):
         match message:
             case Publish():
                 self._publish(message)
+            case Drain(box):  # records from many senders (the session actors), taken at once
+                for item in box.take():
+                    self.on_receive(item)
             case _SendFailed(publish, error, fatal):
                 self._in_flight -= 1
                 self._stats["failures"] += 1
