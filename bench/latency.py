@@ -1,7 +1,8 @@
 """Driver request latency: Kafka round trips from a driver client to Central and back, p50/p95/p99.
 
 * Central is the real program (``python -m supervisors.cli central``, panel
-  off) in its own process, seeded with ``--cps`` CPs; ``--live`` of them have
+  off, ``--enroll open``: requests unsigned, as in the other Central benchmarks; ``bench.auth``
+  measures what signatures and logins cost) in its own process, seeded with ``--cps`` CPs; ``--live`` of them have
   a simulated Monitor (``bench.simcp.Fleet``: real framed sockets,
   registration, a heartbeat a second, authorisations accepted at once).
 * The driver client is a plain KafkaProducer/KafkaConsumer pair with the
@@ -48,7 +49,9 @@ from bench.common import (
     topics,
 )
 
-TARGET_LIST_P95_MS = 20.0
+TARGET_LIST_P95_MS = 15.0  #: issue #14; and within TARGET_LIST_RATIO of the bare echo
+TARGET_LIST_RATIO = 1.2
+TARGET_CHARGE_P95_MS = 30.0  #: issue #14
 
 
 class DriverClient:
@@ -249,6 +252,9 @@ def run_central(settings: Any, rd: Path, args: argparse.Namespace) -> dict[str, 
     central = subprocess.Popen(
         python_module_cmd("supervisors.cli", "central", str(port), settings.bootstrap, "--db", str(db),
                           "--host", LOOPBACK, "--topic-prefix", settings.topic_prefix, "--panel", "off",
+                          # unsigned requests and unauthenticated CPs, as the other Central benchmarks: this
+                          # measures the round trip; bench.auth measures what signing and logins cost
+                          "--enroll", "open",
                           "--no-console", "--log-file", str(rd / "central.log"), "--log-level", "WARNING"),
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=bench_env())
     fleet = client = None
@@ -301,16 +307,20 @@ def run(args: argparse.Namespace) -> Report:
                  f"baseline = bare Kafka echo, same client")
     for p in (50, 95, 99):
         key = f"p{p}"
-        report.add(Row(f"latency: list request {key}", lst[key], "ms", base[key], lst[key] / base[key],
-                       f"<= {TARGET_LIST_P95_MS:.0f} ms" if p == 95 else "",
-                       (lst[key] <= TARGET_LIST_P95_MS) if p == 95 else None, note_list if p == 95 else ""))
+        ratio = lst[key] / base[key]
+        report.add(Row(f"latency: list request {key}", lst[key], "ms", base[key], ratio,
+                       f"<= {TARGET_LIST_P95_MS:.0f} ms and <= {TARGET_LIST_RATIO}x echo" if p == 95 else "",
+                       (lst[key] <= TARGET_LIST_P95_MS and ratio <= TARGET_LIST_RATIO) if p == 95 else None,
+                       note_list if p == 95 else ""))
     denied = sum(central["charge"]["denied"].values())
     note_charge = (f"{chg['n']} authorised, {denied} denied, {central['charge']['failures']} unanswered; "
                    f"includes Central->CP->Central over the socket; baseline = bare Kafka echo")
     for p in (50, 95, 99):
         key = f"p{p}"
-        report.add(Row(f"latency: charge request {key}", chg[key], "ms", base[key], chg[key] / base[key], "",
-                       None, note_charge if p == 95 else ""))
+        report.add(Row(f"latency: charge request {key}", chg[key], "ms", base[key], chg[key] / base[key],
+                       f"<= {TARGET_CHARGE_P95_MS:.0f} ms" if p == 95 else "",
+                       (chg[key] <= TARGET_CHARGE_P95_MS and chg["n"] > 0) if p == 95 else None,
+                       note_charge if p == 95 else ""))
     return report
 
 

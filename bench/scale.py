@@ -56,7 +56,12 @@ from bench.procs import Child
 from bench.simcp import seeded_session
 
 TARGET_LAG = 1.0
-TARGET_RSS = 200.0
+TARGET_IDLE_CPU = 5.0  #: issue #14: Central with nothing to do, % of one core
+IDLE_WINDOW = 3.0
+TARGET_RSS = 200.0  #: at the top level unless TARGETS says otherwise
+#: issue #14: per level, the figures with a target (met only in the worst of `make bench REPEAT=3`)
+TARGETS: dict[int, dict[str, float]] = {1000: {"cpu": 50.0, "ack": 100.0, "rss": 150.0},
+                                        2000: {"rss": 250.0}}
 
 
 def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_timeout: float,
@@ -88,6 +93,9 @@ def one_level(n: int, broker: Any, rd: Path, window: float, t0: float, ramp_time
         port = int(ready.split()[1])
         idle = proc_status(central.pid)
         out["idle_rss_mb"], out["idle_threads"] = idle["VmRSS"], idle["Threads"]
+        cpu0, w0 = proc_cpu_seconds(central.pid), time.monotonic()
+        time.sleep(IDLE_WINDOW)  # no CP connected yet: what Central costs doing nothing
+        out["idle_cpu_pct"] = 100 * (proc_cpu_seconds(central.pid) - cpu0) / (time.monotonic() - w0)
         began = time.monotonic()
         sim = Child(f"sim-{n}", python_module_cmd(
             "bench.simcp", "--central", f"{LOOPBACK}:{port}", "--broker", settings.bootstrap,
@@ -207,6 +215,12 @@ def run(args: argparse.Namespace) -> Report:
     finally:
         broker.stop()
     report.details["levels"] = levels
+    idle = [lv["idle_cpu_pct"] for lv in levels if "idle_cpu_pct" in lv]
+    if idle:
+        report.add(Row("scale: Central idle CPU", max(idle), "%", target=f"<= {TARGET_IDLE_CPU:.0f} %",
+                       met=max(idle) <= TARGET_IDLE_CPU,
+                       note=f"the most of {len(idle)} level(s): {IDLE_WINDOW:.0f} s after it is ready, before any "
+                            "CP connects (its consumers polling an idle broker, its tickers)"))
     for lv in levels:
         add_rows(report, lv, lv["cps"] == top)
     return report
@@ -219,6 +233,7 @@ def add_rows(report: Report, lv: dict[str, Any], top: bool) -> None:
         report.add(Row(name, None, target="runs", met=False, note=lv["error"]))
         return
     p, s = lv["panel"], lv["sim"]
+    want = TARGETS.get(n, {})
     denied = {k: v for k, v in lv["ramp_status"].get("answers", {}).items() if k.startswith("denied")}
     report.add(Row(f"{name}: ramp until all supply", lv["supplying_after_s"], "s", target="all supply" if top else "",
                    met=(lv["supplying"] == n) if top else None,
@@ -229,27 +244,32 @@ def add_rows(report: Report, lv: dict[str, Any], top: bool) -> None:
                         + f"; lag {'settled' if lv['settled'] else 'NOT settled'} {lv['settled_after_s']:.0f} s later; "
                           f"{p['missed_life_since_start'] - p['missed_life']} CP(s) shown DISCONNECTED before the window"))
     report.add(Row(f"{name}: telemetry->panel lag p95", p["lag_p95_s"] * 1000, "ms",
-                   target=f"<= {TARGET_LAG * 1000:.0f} ms" if top else "",
-                   met=(p["lag_p95_s"] <= TARGET_LAG) if top else None,
+                   target=f"<= {TARGET_LAG * 1000:.0f} ms" if top or want else "",
+                   met=(p["lag_p95_s"] <= TARGET_LAG) if top or want else None,
                    note=f"p50 {p['lag_p50_s'] * 1000:.0f} ms, p99 {p['lag_p99_s'] * 1000:.0f} ms, "
                         f"{p['lag_samples']} readings; median {p['lag_p50_first5_s']:.2f} s in the first 5 s of the "
                         f"window, {p['lag_p50_last5_s']:.2f} s in the last 5 s; a panel snapshot every 0.5 s is part of it"))
+    rss = want.get("rss", TARGET_RSS if top else None)
     report.add(Row(f"{name}: Central RSS (peak)", lv["rss_mb_max"], "MB", lv["idle_rss_mb"],
-                   lv["rss_mb_max"] / lv["idle_rss_mb"], f"<= {TARGET_RSS:.0f} MB" if top else "",
-                   (lv["rss_mb_max"] <= TARGET_RSS) if top else None, "baseline: the same Central idle, before any CP"))
+                   lv["rss_mb_max"] / lv["idle_rss_mb"], f"<= {rss:.0f} MB" if rss else "",
+                   (lv["rss_mb_max"] <= rss) if rss else None, "baseline: the same Central idle, before any CP"))
     kinds = ", ".join(f"{k} {v:.0f}" for k, v in list(lv["central_cpu_pct_by_thread_kind"].items())[:5])
-    report.add(Row(f"{name}: Central CPU", lv["central_cpu_pct"], "%", target="", met=None,
+    cpu = want.get("cpu")
+    report.add(Row(f"{name}: Central CPU", lv["central_cpu_pct"], "%", target=f"<= {cpu:.0f} %" if cpu else "",
+                   met=(lv["central_cpu_pct"] <= cpu) if cpu else None,
                    note=f"100 % = one core; {lv['telemetry_rate']:.0f} telemetry/s + {lv['heartbeat_rate']:.0f} "
                         f"heartbeats/s; top threads (%): {kinds}; sim {lv['sim_cpu_pct']:.0f} %, "
                         f"broker {lv['broker_cpu_pct']:.0f} %"))
     report.add(Row(f"{name}: Central threads", lv["threads_max"], "", lv["idle_threads"],
                    lv["threads_max"] / lv["idle_threads"], "", None, "baseline: Central idle"))
-    report.add(Row(f"{name}: heartbeat ACK p95", s["hb_ack_p95_ms"], "ms", target="", met=None,
+    ack = want.get("ack")
+    report.add(Row(f"{name}: heartbeat ACK p95", s["hb_ack_p95_ms"], "ms", target=f"<= {ack:.0f} ms" if ack else "",
+                   met=(s["hb_ack_p95_ms"] <= ack) if ack else None,
                    note=f"p50 {s['hb_ack_p50_ms']:.1f} ms, max {s['hb_ack_max_ms']:.0f} ms, "
                         f"{s['hb_acked']}/{s['hb_sent']} acked"))
     missed = p["missed_life"] + s["disconnects"]
-    report.add(Row(f"{name}: missed life messages", missed, "", target="0" if top else "",
-                   met=(missed == 0) if top else None,
+    report.add(Row(f"{name}: missed life messages", missed, "", target="0" if top or want else "",
+                   met=(missed == 0) if top or want else None,
                    note=f"Central showed {p['missed_life']} CP(s) DISCONNECTED, {s['disconnects']} socket(s) "
                         f"dropped, {s['hb_skipped']} heartbeat(s) still unACKed when the next was due"))
     if sessions != "charge":
