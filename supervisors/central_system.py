@@ -160,6 +160,9 @@ class CentralSystemConfig:
     group_id: str = setting("evcharging-central",
                             help="Kafka consumer group of Central (the topic prefix is prepended)")
     max_monitors: int = setting(5000, help="Monitor connections accepted at once")
+    requests_idle_fetch_wait_ms: int = setting(250, help="after 2 s without a driver request, the broker may hold "
+                                                         "a poll of driver_requests this long (ms): the idle cost, "
+                                                         "paid once by the first request after a quiet spell")
     telemetry_fetch_wait_ms: int = setting(100, help="longest time (ms) the broker holds one poll of Central's "
                                                      "telemetry consumer when nothing is new: its idle cost "
                                                      "(the driver-requests consumer keeps the transport's 10 ms)")
@@ -238,7 +241,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         # Before the pumps: a pump that crashes (a broker outage) must not close them.
         ChildSpec("monitor-conns", Supervisor, ("monitor-conns",), {"directory": directory}),
         ChildSpec("requests-pump", ConsumerPump, (settings, ("driver_requests",), "central", directory),
-                  {"group_id": config.topic_prefix + config.group_id, "component": "central-requests"}),
+                  {"group_id": config.topic_prefix + config.group_id, "component": "central-requests",
+                   "idle_fetch_wait_ms": config.requests_idle_fetch_wait_ms}),
         ChildSpec("router", SessionRouter, (directory,), {"keyring": keyring, "require_sealed": secured}),
         ChildSpec("sessions-pump", ConsumerPump,
                   (telemetry, ("charging_session_data", "charging_session_complete"), "router", directory),
@@ -364,6 +368,8 @@ def check_config(config: CentralSystemConfig) -> str | None:
         return "--default-price must not be negative"
     if config.max_monitors < 1:
         return "--max-monitors must be at least 1"
+    if config.requests_idle_fetch_wait_ms < 1:
+        return "--requests-idle-fetch-wait-ms must be at least 1"
     if config.telemetry_fetch_wait_ms < 1:
         return "--telemetry-fetch-wait-ms must be at least 1"
     for name in ("auth_timeout", "auth_window"):

@@ -11,7 +11,16 @@ from actors.runtime import Directory, SupervisedActor, Supervision
 from supervisors.supervisor import ChildSpec, start_tree
 from tests.waiting import wait_until
 from transport import protocol
-from transport.kafka import ConsumerPump, Delivery, Publish, Published, Publisher, partition_for, wait_ready
+from transport.kafka import (
+    ConsumerPump,
+    Delivery,
+    Publish,
+    Published,
+    Publisher,
+    PumpFetchWait,
+    partition_for,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -65,6 +74,30 @@ def test_publish_then_pump_delivers_typed_messages(kafka_settings, stop_at_end) 
     assert all(isinstance(i.message, protocol.ChargingData) and i.key == "CP1" for i in seen)
     acks = wait_until(lambda: len(sink.ask("acks")) == 20 and sink.ask("acks"), what="20 acks")
     assert {a.token for a in acks} == set(range(1, 21))
+    sup.stop()
+
+
+def test_a_quiet_pump_fetches_with_the_idle_wait_and_a_record_brings_the_short_one_back(kafka_settings,
+                                                                                        stop_at_end) -> None:
+    """Quiet for idle_after: the broker may hold fetches for idle_fetch_wait_ms (the idle cost);
+    the next record is still delivered, and from then on the settings' short wait applies."""
+    seen: list[Any] = []
+    directory = Directory()
+    sup = start_tree("t", [
+        ChildSpec("sink", Sink, (seen,)),
+        ChildSpec("publisher", Publisher, (kafka_settings,)),
+        ChildSpec("pump", ConsumerPump, (kafka_settings, ("driver_requests",), "sink", directory),
+                  {"group_id": "idle-test", "idle_fetch_wait_ms": 300, "idle_after": 2.0}),
+    ], directory=directory)
+    stop_at_end(sup)
+    assert wait_ready(directory.get("pump"))
+    pump = directory.get("pump")
+    short = kafka_settings.fetch_max_wait_ms
+    wait_until(lambda: pump.ask(PumpFetchWait()) == 300, timeout=10, what="the idle wait after a quiet spell")
+    hello = protocol.DriverHello(driver_id="d1", correlation_id="c1")
+    directory.get("publisher").tell(Publish("driver_requests", "d1", hello))
+    wait_until(lambda: [i.message for i in seen] == [hello], timeout=10, what="the request delivered")
+    wait_until(lambda: pump.ask(PumpFetchWait()) == short, timeout=5, what="the short wait back")
     sup.stop()
 
 
