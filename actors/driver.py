@@ -169,8 +169,7 @@ class DriverActor(SupervisedActor):
         self._hello_answered = False
         self._hello_retry: Scheduled | None = None
         self._live: _Live | None = None
-        self._tickets_seen: list[str] = []
-        self._tickets: dict[str, protocol.TicketInfo] = {}  # shown, by session id
+        self._tickets: dict[str, protocol.TicketInfo] = {}  # shown, by session id, in the order shown
         self._events_seen: set[tuple[str, str]] = set()
         self._cancelled: set[str] = set()
         # the services runner's progress, as it last told it (for the asks)
@@ -271,7 +270,7 @@ class DriverActor(SupervisedActor):
 
     def _live_changed(self) -> None:
         self._to_services(m.LiveChanged(self._live.as_dict() if self._live is not None else None,
-                                        tuple(self._tickets_seen)))
+                                        tuple(self._tickets)))
 
     # --- the pump: nothing is sent before it is positioned --------------------------
     def _on_pump_up(self, pump: pykka.ActorRef[Any]) -> None:
@@ -563,7 +562,6 @@ class DriverActor(SupervisedActor):
         self._publish(protocol.TicketAck(driver_id=self.driver_id, session_id=t.session_id), "ticket ack")
         if t.session_id in self._tickets:
             return
-        self._tickets_seen.append(t.session_id)
         info = protocol.TicketInfo(session_id=t.session_id, cp_id=t.cp_id, price_eur_kwh=t.price_eur_kwh,
                                    energy_kwh=t.energy_kwh, cost_eur=t.cost_eur, started_at=t.started_at,
                                    ended_at=t.ended_at, end_reason=t.end_reason)
@@ -654,7 +652,7 @@ class DriverActor(SupervisedActor):
                 progress = self._progress
                 self._show(m.StatusNews(
                     self.driver_id, self._online, self._hello_answered,
-                    live.as_dict() if live is not None else None, len(self._tickets_seen),
+                    live.as_dict() if live is not None else None, len(self._tickets),
                     len(progress.results) if progress is not None else None,
                     progress.total if progress is not None else None))
             case m.Quit():
@@ -687,5 +685,5 @@ class DriverActor(SupervisedActor):
             "services_done": len(progress.results) if progress is not None else 0,
             "done": progress.finished if progress is not None else False,
             "active_session": self._live.as_dict() if self._live is not None else None,
-            "tickets_seen": list(self._tickets_seen),
+            "tickets_seen": list(self._tickets),
         }

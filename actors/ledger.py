@@ -74,8 +74,7 @@ class LedgerActor(SupervisedActor):
                 self._pending[sid] = (sid, seq, kwh, eur)
             case Drain(box):  # the session actors' checkpoints, many at once
                 self._fan_in = box
-                for item in box.take():
-                    self.on_receive(item)
+                self._take_checkpoints()
             case _Flush():
                 self._flush()
             case MarkSupplying(sid, at):
