@@ -24,6 +24,7 @@ from actors.messages import (
     Telemetry,
     VetCompletion,
 )
+from actors.pooled import Pooled
 from actors.runtime import Directory, SupervisedActor, Supervision
 from persistence import LIVE_STATUSES, SessionRecord, TicketRecord
 from transport import protocol
@@ -41,8 +42,14 @@ def ticket_message(t: TicketRecord) -> protocol.Ticket:
     )
 
 
-class SessionActor(SupervisedActor):
-    """One per live session, named ``session:<id>`` in Central's directory."""
+class SessionActor(Pooled, SupervisedActor):
+    """One per live session, named ``session:<id>`` in Central's directory.
+
+    Pooled (``actors/pooled.py``), in a pool of its own: there is one per supply, and billing asks
+    the ledger and Central and waits for them, which must never hold up the connections' pool.
+    """
+
+    pool = "sessions"
 
     def __init__(self, record: SessionRecord, directory: Directory, *, supervision: Supervision | None = None) -> None:
         super().__init__(supervision=supervision)

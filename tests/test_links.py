@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -227,3 +229,78 @@ def test_client_link_retries_until_the_server_appears_and_restarts_after_a_crash
     wait_until(lambda: protocol.Heartbeat(cp_id="CP6", engine_ok=True) in frames_in(directory))
     assert directory.get("link").ask(LinkStats())["connected"]
     tree.stop()
+
+
+class DownsOnly(Owner):
+    """Keeps only LinkDown (a flood of frames would grow the list); echoes heartbeats like Owner."""
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FrameIn) and not isinstance(message.message, protocol.Heartbeat):
+            return None
+        return super().on_receive(message)
+
+
+def _tcp_pair(server_sndbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """(server end, client end) of a real loopback connection; the client's window is small, and the
+    server's send buffer too if asked (so a peer that never reads fills it within a few KB)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(srv.getsockname())
+        server_end, _ = srv.accept()
+    if server_sndbuf:
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
+    return server_end, client
+
+
+def test_peers_that_never_read_do_not_hold_up_the_others_and_are_dropped() -> None:
+    """An attack on the pooled connections: a few peers flood frames and never read, so the 1-byte
+    ACKs fill their sockets' buffers. All connections share a couple of threads, and a write that
+    waited for room would hold one of them: the honest peer must still get its ACKs at once, and
+    the flooders are dropped once they read nothing for ``io_timeout``."""
+    from transport.connection import ServerConnection
+
+    directory = Directory()
+    owner = DownsOnly.start()
+    directory.register("owner", owner)
+    frame = framing.encode_frame(json.dumps(protocol.to_dict(protocol.FaultCleared(cp_id="X"))).encode())
+    options = LinkOptions(io_timeout=2.0)
+    flooders, links = [], []
+    try:
+        for i in range(4):  # more than the pool's threads
+            server_end, client = _tcp_pair(server_sndbuf=4096)
+            client.settimeout(0.05)
+            flooders.append(client)
+            links.append(ServerConnection.start(server_end, f"flooder-{i}", "owner", directory, options=options))
+        server_end, honest = _tcp_pair()
+        links.append(ServerConnection.start(server_end, "honest", "owner", directory, options=options))
+        honest.settimeout(5)
+        slowest = 0.0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for s in flooders:
+                try:
+                    s.sendall(frame * 200)
+                except OSError:
+                    pass  # our own side is full too, or we were dropped: both fine
+            t0 = time.monotonic()
+            honest.sendall(framing.encode_frame(json.dumps(heartbeat("OK")).encode()))
+            assert honest.recv(1) == bytes([framing.ACK])
+            slowest = max(slowest, time.monotonic() - t0)
+            echo = framing.FrameDecoder(framing.MAX_DATA)  # the owner's echo: read it and ACK it
+            while not any(isinstance(e, framing.Frame) for e in echo.feed(honest.recv(4096))):
+                pass
+            honest.sendall(bytes([framing.ACK]))
+            if sum(isinstance(e, LinkDown) for e in owner.ask("events")) >= 4:
+                break
+        downs = [e for e in owner.ask("events") if isinstance(e, LinkDown)]
+        assert sorted(e.peer for e in downs) == [f"flooder-{i}" for i in range(4)], downs
+        assert all("read nothing" in e.reason or "not reading" in e.reason for e in downs), downs
+        assert slowest < 1.0, f"the honest peer waited {slowest:.2f} s for an ACK"
+        assert links[-1].is_alive()
+    finally:
+        for s in [*flooders]:
+            s.close()
+        for ref in links:
+            ref.stop()
+        owner.stop()

@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from actors.pooled import Pooled
 from actors.runtime import Directory, Supervision, schedule
 from transport.link import FramedLink, LinkDown, LinkOptions, LinkUp
 
@@ -28,8 +29,15 @@ class _AuthDeadline:
     pass
 
 
-class ServerConnection(FramedLink):
-    """One accepted, handshaken socket; stops when the peer is gone."""
+class ServerConnection(Pooled, FramedLink):
+    """One accepted, handshaken socket; stops when the peer is gone.
+
+    Pooled (``actors/pooled.py``): a server holds one per peer, a thousand at 1,000 CPs, so they
+    share a few threads instead of having one each; nothing in a link waits (writes that find the
+    socket's buffer full are finished later, see ``FramedLink._write``).
+    """
+
+    pool = "links"
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import select
 import socket
 import threading
 import time
@@ -146,6 +145,17 @@ class _AckTimeout:
 
 
 @dataclass(frozen=True, slots=True)
+class _Flush:
+    """Try again to send what the socket would not take (its buffer was full)."""
+
+    sock_id: int
+
+
+#: how soon a link tries again to send bytes the socket's buffer had no room for
+FLUSH_RETRY = 0.01
+
+
+@dataclass(frozen=True, slots=True)
 class LinkOptions:
     """Tunables of a framed link; every one is a flag somewhere up the stack."""
 
@@ -155,7 +165,8 @@ class LinkOptions:
     max_queue: int = 1000
     max_bad_frames: int = 20
     max_garbage: int = 64 * 1024
-    io_timeout: float = 5.0
+    io_timeout: float = 5.0  # a peer that reads none of what we send for this long is dropped
+    max_unsent: int = 256 * 1024  # bytes waiting for room in the socket's buffer before the peer is dropped
     mailbox_batches: int = 64
     frame_timeout: float = 10.0  # a peer silent in the middle of a frame for this long is dropped
     max_rejected: int = 20  # frames refused at the trust boundary before the peer is dropped
@@ -185,6 +196,8 @@ class FramedLink(SupervisedActor):
         self._sock_id = 0
         self._watch: Watch | None = None
         self._outbox: deque[bytes] = deque()
+        self._unsent = bytearray()  # bytes the socket's buffer had no room for yet (never blocks the actor)
+        self._unsent_deadline = 0.0
         self._in_flight: bytes | None = None
         self._serial = 0
         self._attempts = 0
@@ -251,8 +264,9 @@ class FramedLink(SupervisedActor):
         self._outbox.clear()
         self._in_flight = None
         self._unwatch()
+        unsent, self._unsent = bytes(self._unsent), bytearray()
         if polite:
-            _try_send(sock, bytes([framing.EOT]))
+            _try_send(sock, unsent + bytes([framing.EOT]))
         _close_socket(sock)
         self._tell_owner(LinkDown(self.actor_ref, self.peer, reason))
         self.on_link_lost(reason)
@@ -261,7 +275,8 @@ class FramedLink(SupervisedActor):
         if self._sock is not None:
             sock, self._sock = self._sock, None
             self._unwatch()
-            _try_send(sock, bytes([framing.EOT]))
+            unsent, self._unsent = bytes(self._unsent), bytearray()
+            _try_send(sock, unsent + bytes([framing.EOT]))
             _close_socket(sock)
             self._tell_owner(LinkDown(self.actor_ref, self.peer, "link stopped"))
         if self._ack_timer is not None:
@@ -287,6 +302,9 @@ class FramedLink(SupervisedActor):
                     self.detach(reason)
             case Send(msg):
                 return self._send(msg)
+            case _Flush(sock_id):
+                if sock_id == self._sock_id:
+                    self._flush()
             case _AckTimeout(sock_id, serial):
                 if sock_id == self._sock_id and serial == self._serial and self._in_flight is not None:
                     self._retransmit(f"no ACK within {self.options.ack_timeout:g} s")
@@ -437,40 +455,58 @@ class FramedLink(SupervisedActor):
         self._transmit()
 
     def _write(self, data: bytes) -> bool:
+        """Send now what the socket takes; keep the rest and try again shortly (never wait here:
+        a pooled link holds one of its pool's few threads, and a peer that stops reading must not
+        stall the others). A peer that reads nothing for ``io_timeout``, or leaves more than
+        ``max_unsent`` bytes waiting, is dropped."""
         sock = self._sock
         if sock is None:
             return False
-        try:
-            _send_all(sock, data, self.options.io_timeout)
+        if self._unsent:  # keep the order: behind what waits already
+            if len(self._unsent) + len(data) > self.options.max_unsent:
+                self.detach(f"{self.peer} is not reading: {len(self._unsent) + len(data)} bytes wait to be sent")
+                return False
+            self._unsent += data
             return True
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
             self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
             return False
+        if sent < len(data):
+            self._unsent += data[sent:]
+            self._unsent_deadline = time.monotonic() + self.options.io_timeout
+            schedule(FLUSH_RETRY, self.actor_ref, _Flush(self._sock_id))
+        return True
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None or not self._unsent:
+            return
+        try:
+            sent = sock.send(self._unsent)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
+            return
+        now = time.monotonic()
+        if sent:
+            del self._unsent[:sent]
+            self._unsent_deadline = now + self.options.io_timeout  # it reads: slow is not gone
+        if not self._unsent:
+            return
+        if now >= self._unsent_deadline:
+            self.detach(f"{self.peer} read nothing of what we sent for {self.options.io_timeout:g} s")
+            return
+        schedule(FLUSH_RETRY, self.actor_ref, _Flush(self._sock_id))
 
     def _tell_owner(self, message: Any) -> None:
         if not self.directory.tell(self.owner, message):
             log.debug("%s: owner %r is not running; dropped %s", self.component, self.owner, type(message).__name__)
 
-
-
-def _send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """``sendall`` for a non-blocking socket: wait for room at most ``timeout`` s in all."""
-    view = memoryview(data)
-    deadline = time.monotonic() + timeout
-    poller: select.poll | None = None
-    while view:
-        try:
-            view = view[sock.send(view):]
-            continue
-        except BlockingIOError:
-            pass
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"the peer read nothing for {timeout:g} s")
-        if poller is None:
-            poller = select.poll()  # not select.select: descriptors above 1024 are normal here
-            poller.register(sock, select.POLLOUT)
-        poller.poll(left * 1000)
 
 
 def _try_send(sock: socket.socket, data: bytes) -> None:
