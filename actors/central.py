@@ -59,7 +59,17 @@ from actors.operations import (  # AdminCommand is imported from here too
     WeatherAlert,
     WeatherView,
 )
-from actors.panel import FAULT_MARK, OPERATOR, WEATHER, CpTile, MessageRow, PanelSnapshot, RequestRow, WeatherRow
+from actors.panel import (
+    CHARGER,
+    FAULT_MARK,
+    OPERATOR,
+    WEATHER,
+    CpTile,
+    MessageRow,
+    PanelSnapshot,
+    RequestRow,
+    WeatherRow,
+)
 from actors.runtime import Directory, Scheduled, SupervisedActor, Supervision, Ticker, schedule, tell
 from actors.session import SessionActor
 from actors.weather_state import Outcome, WeatherBook, console_lines, row_dict
@@ -133,6 +143,7 @@ class CpView:
     engine_ok: bool | None = None
     stopped: bool = False  # by the operator (stored)
     weather: str | None = None  # the key of the weather alert holding its location (WeatherBook.hold_of)
+    out_of_service: str | None = None  # the CP's own word, from its heartbeat (an OCPP charger's Unavailable)
     session_id: str | None = None
     driver_id: str | None = None
     supplying: bool = False
@@ -154,10 +165,18 @@ class CpView:
         self.ended = self.idle_since = self.lost_since = None
 
     @property
+    def ordered_stop(self) -> bool:
+        """Central took it out of service: the operator stopped it or a weather alert holds its location
+        (both may hold). What the CP is told (stop_cp / resume_cp) follows this alone."""
+        return self.stopped or self.weather is not None
+
+    @property
     def stop_reasons(self) -> tuple[str, ...]:
-        """The one stop rule: out of service when the operator stopped it or a weather alert
-        holds its location (both may hold; the CP is back in service when neither does)."""
-        return (OPERATOR,) * self.stopped + (WEATHER,) * (self.weather is not None)
+        """The one stop rule: out of service when Central ordered it (operator, weather) or the CP
+        says it took itself out of service (its heartbeat's ``out_of_service``); back in service
+        when none holds."""
+        return ((OPERATOR,) * self.stopped + (WEATHER,) * (self.weather is not None)
+                + (CHARGER,) * (self.out_of_service is not None))
 
     def derive(self, now: float, life_timeout: float) -> CpState:
         """Connected means: a Monitor link and a life message within ``life_timeout``."""
@@ -420,6 +439,10 @@ class CentralActor(SupervisedActor):
         cp.engine_ok = msg.engine_ok
         if msg.engine_ok:
             cp.fault = None
+        if msg.out_of_service != cp.out_of_service:
+            cp.out_of_service = msg.out_of_service
+            self._note(f"CP {cp.cp_id} took itself out of service: {msg.out_of_service}" if msg.out_of_service
+                       else f"CP {cp.cp_id} is back in service by itself")
         self._refresh(cp)
         if was == DISCONNECTED and cp.state != DISCONNECTED:
             self._note(f"CP {cp.cp_id} is {cp.state}")
@@ -512,10 +535,11 @@ class CentralActor(SupervisedActor):
             tell(old, Close("replaced by a new connection of the same CP"))
         cp.link = link
         cp.engine_ok = None  # known with the first heartbeat
+        cp.out_of_service = None  # likewise
         self._by_link[link.actor_urn] = cp.cp_id
         tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
                                                  price_eur_kwh=cp.price, location=cp.location)))
-        if cp.stop_reasons:  # out of service (operator, weather): it learns so at once
+        if cp.ordered_stop:  # out of service (operator, weather): it learns so at once
             tell(link, Send(protocol.StopCp(reason=self._stop_reason(cp))))
         self._note(f"CP {cp.cp_id} registered ({cp.location})")
         self._refresh(cp)
@@ -1328,9 +1352,9 @@ class CentralActor(SupervisedActor):
         ``weather``, the key of the alert holding it, or None). The CP hears of it when it is
         taken out of service or put back (stop_cp ends a running supply at the CP, as an
         operator's stop always has); nothing is sent when it stays as it was. True: it changed."""
-        was = bool(cp.stop_reasons)
+        was = cp.ordered_stop
         cp.stopped, cp.weather = stopped, weather
-        now = bool(cp.stop_reasons)
+        now = cp.ordered_stop
         if was != now and cp.link is not None:
             tell(cp.link, Send(protocol.StopCp(reason=self._stop_reason(cp)) if now else protocol.ResumeCp()))
         self._refresh(cp)

@@ -216,6 +216,7 @@ class OcppChargerActor(SupervisedActor):
         self.booted: dict[str, Any] = {}
         self.connectors: dict[int, tuple[str, str]] = {}  # connector id -> (status, error code)
         self.fault: str | None = None  # why the charger cannot supply (None: it can)
+        self._out_of_service_said: str | None = None  # what the last heartbeat said of it (see _out_of_service)
         self._fault_reported = False
         self._row: TxRow | None = None  # the charger's live supply (authorised or charging), as journaled
         self._local: dict[str, _Local] = {}
@@ -1019,6 +1020,11 @@ class OcppChargerActor(SupervisedActor):
         if faulted:
             connector, error = faulted[0]
             return f"the charger reports Faulted ({error}{'' if connector == 0 else f', connector {connector}'})"
+        return None
+
+    def _out_of_service(self) -> str | None:
+        """Why the charger took itself out of service (None: it did not): every connector, or the whole
+        charger, Unavailable without Central having asked (its heartbeat says so; Central shows STOPPED)."""
         whole = self.connectors.get(0, ("", ""))[0]
         each = [s for c, (s, _e) in self.connectors.items() if c > 0]
         if not self.stopped and (whole == "Unavailable" or (each and all(s == "Unavailable" for s in each))):
@@ -1026,15 +1032,20 @@ class OcppChargerActor(SupervisedActor):
         return None
 
     def _update_fault(self) -> None:
-        fault = self._fault_reason()
-        if fault == self.fault:
+        """After a StatusNotification or Central's stop/resume: report a fault that began or ended, and
+        send a heartbeat at once when that or the charger's own out-of-service changed."""
+        fault, out = self._fault_reason(), self._out_of_service()
+        if fault == self.fault and out == self._out_of_service_said:
             return
+        if out != self._out_of_service_said:
+            self._out_of_service_said = out
+            log.info("%s: %s", self.cp_id, f"out of service by itself: {out}" if out else "in service")
         before, self.fault = self.fault, fault
-        if fault is not None:
+        if fault is not None and fault != before:
             log.warning("%s: out of order: %s", self.cp_id, fault)
             self._fault_reported = False
             self._report_fault()
-        else:
+        elif fault is None and before is not None:
             log.info("%s: works again (%s is over)", self.cp_id, before)
             if self._fault_reported:
                 self._to_central(protocol.FaultCleared(cp_id=self.cp_id))
@@ -1050,13 +1061,14 @@ class OcppChargerActor(SupervisedActor):
         row = self._live_row()
         supplying = row is not None and row.status == CHARGING
         return derive_state(connected=self.registered, engine_ok=self.fault is None, supplying=supplying,
-                            stopped=self.stopped)
+                            stopped=self.stopped or self._out_of_service() is not None)
 
     def _heartbeat(self) -> None:
         if not self.registered or not self._wire_up or not self.port.open:
             return
         self._to_central(protocol.Heartbeat(cp_id=self.cp_id, engine_ok=self.fault is None, state=self._state(),
-                                            supplying_session_id=self._held))
+                                            supplying_session_id=self._held,
+                                            out_of_service=self._out_of_service()))
 
     def _tick(self) -> None:
         self._ticks += 1

@@ -51,8 +51,9 @@ STYLE = {
 }
 
 
-#: Why a CP is out of service (CpTile.stop_reasons): the operator stopped it, a weather alert holds it.
-OPERATOR, WEATHER = "operator", "weather"
+#: Why a CP is out of service (CpTile.stop_reasons): the operator stopped it, a weather alert holds it,
+#: or the CP took itself out of service (an OCPP charger that reports Unavailable).
+OPERATOR, WEATHER, CHARGER = "operator", "weather", "charger"
 
 #: Messages the panel draws (the newest); a snapshot carries more (see CentralActor).
 PANEL_MESSAGES = 12
@@ -60,7 +61,7 @@ PANEL_MESSAGES = 12
 
 @dataclass(frozen=True, slots=True)
 class CpTile:
-    """One CP as people see it. ``stop_reasons``: why it is out of service (OPERATOR, WEATHER;
+    """One CP as people see it. ``stop_reasons``: why it is out of service (OPERATOR, WEATHER, CHARGER;
     empty when it is not), also while a supply it was told to stop still runs."""
 
     cp_id: str
@@ -139,6 +140,8 @@ def _tile(t: CpTile) -> Panel:
     style, label = STYLE.get(t.state, ("white", t.state))
     if t.state == "STOPPED" and WEATHER in t.stop_reasons:
         label += " (weather)"
+    elif t.state == "STOPPED" and t.stop_reasons == (CHARGER,):
+        label += " (by the CP)"
     lines = [Text(t.location, overflow="ellipsis"), Text(f"{t.price_eur_kwh:.2f} €/kWh"), Text(label, style="bold")]
     if t.state == "SUPPLYING":
         lines += [Text(f"{t.power_kw:.1f} kW"), Text(f"{t.energy_kwh:.3f} kWh"), Text(f"{t.cost_eur:.2f} €"),

@@ -56,6 +56,26 @@ def test_a_registered_charger_boots_and_central_shows_it_active(net: OcppNet) ->
     assert "GroundFailure" in (cp["fault"] or "")
     charger.status("Available", connector=1)
     net.wait_state("ACTIVE")
+    # Unavailable by its own choice → STOPPED (stop reason "charger"): no supply is sent there
+    charger.status("Unavailable", connector=0)
+    cp = net.wait_state("STOPPED")
+    assert cp["stop_reasons"] == ["charger"] and not cp["stopped"]
+    refused = charge("drv-r")
+    net.peer.send("driver_requests", "drv-r", refused)
+    denied = answer(net, protocol.ChargeResponse, refused.correlation_id)
+    assert denied.status == "denied" and "STOPPED" in (denied.reason or ""), denied
+    charger.status("Available", connector=0)
+    net.wait_state("ACTIVE")
+    # its Available never undoes the operator's stop
+    net.central.ask("central", AdminCommand("stop", "OC1", "test"))
+    assert charger.expect("ChangeAvailability") == {"connector_id": 0, "type": "Inoperative"}
+    charger.status("Unavailable", connector=0)
+    charger.status("Unavailable", connector=0)  # the charger changes its mind twice: it is still Central's stop
+    charger.status("Available", connector=0)
+    assert net.wait_state("STOPPED")["stop_reasons"] == ["operator"]
+    net.central.ask("central", AdminCommand("resume", "OC1", "test"))
+    assert charger.expect("ChangeAvailability") == {"connector_id": 0, "type": "Operative"}
+    net.wait_state("ACTIVE")
     # the charger leaves: Central sees it DISCONNECTED at once (not after missing heartbeats)
     charger.close()
     net.wait_state("DISCONNECTED", timeout=5)

@@ -147,7 +147,7 @@ WIRE_KEYS = {
     "charge_completion": "message_id cp_id session_id driver_id energy_kwh cost_eur end_reason timestamp",
     "register_request": "cp_id location correlation_id",
     "register_response": "correlation_id status reason price_eur_kwh location",
-    "heartbeat": "cp_id engine_ok state supplying_session_id",
+    "heartbeat": "cp_id engine_ok state supplying_session_id out_of_service",
     "fault_notification": "cp_id reason",
     "fault_cleared": "cp_id",
     "supply_authorization_response": "correlation_id session_id accepted reason",

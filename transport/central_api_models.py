@@ -88,7 +88,8 @@ class CpOut(BaseModel):
     location: str
     price_eur_kwh: float
     state: str = Field(description="ACTIVE | SUPPLYING | STOPPED | BROKEN | DISCONNECTED")
-    stop_reasons: list[str] = Field(description='why it is out of service: "operator", "weather"')
+    stop_reasons: list[str] = Field(description='why it is out of service: "operator", "weather", '
+                                                '"charger" (the CP took itself out of service)')
     fault: str | None
     session_id: str | None
     driver_id: str | None

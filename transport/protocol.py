@@ -462,6 +462,9 @@ class Heartbeat:
     engine_ok: bool
     state: CpStateName | None = None
     supplying_session_id: Id | None = None
+    #: The CP took itself out of service (an OCPP charger reporting Unavailable), and why: Central
+    #: shows it STOPPED (stop reason "charger") and sends it no supply until a heartbeat without it.
+    out_of_service: Reason | None = None
 
 
 @dataclass(frozen=True, slots=True)
