@@ -164,8 +164,11 @@ class CentralSystemConfig:
                                                          "a poll of driver_requests this long (ms): the idle cost, "
                                                          "paid once by the first request after a quiet spell")
     telemetry_fetch_wait_ms: int = setting(100, help="longest time (ms) the broker holds one poll of Central's "
-                                                     "telemetry consumer when nothing is new: its idle cost "
+                                                     "telemetry consumer when nothing is new "
                                                      "(the driver-requests consumer keeps the transport's 10 ms)")
+    telemetry_idle_fetch_wait_ms: int = setting(500, help="after 2 s without telemetry or a completion, the broker "
+                                                          "may hold a poll of them this long (ms): the idle cost, "
+                                                          "paid once by the first reading after a quiet spell")
     signature_max_age: float = inherit(CentralConfig, "signature_max_age",
                                        help="seconds a driver's signed request stays valid (older: denied as a replay)")
     api_port: int | None = setting(None, cli_default=API_PORT, parse=parse_api_port,
@@ -247,7 +250,8 @@ def start_central(config: CentralSystemConfig) -> RunningSystem:
         ChildSpec("sessions-pump", ConsumerPump,
                   (telemetry, ("charging_session_data", "charging_session_complete"), "router", directory),
                   {"group_id": config.topic_prefix + config.group_id + "-sessions", "component": "central-sessions",
-                   "max_records": SESSIONS_POLL_RECORDS}),
+                   "max_records": SESSIONS_POLL_RECORDS,
+                   "idle_fetch_wait_ms": max(config.telemetry_idle_fetch_wait_ms, config.telemetry_fetch_wait_ms)}),
     ]
     children = [
         ChildSpec("ledger", LedgerActor, (config.db_path,)),
@@ -372,6 +376,8 @@ def check_config(config: CentralSystemConfig) -> str | None:
         return "--requests-idle-fetch-wait-ms must be at least 1"
     if config.telemetry_fetch_wait_ms < 1:
         return "--telemetry-fetch-wait-ms must be at least 1"
+    if config.telemetry_idle_fetch_wait_ms < 1:
+        return "--telemetry-idle-fetch-wait-ms must be at least 1"
     for name in ("auth_timeout", "auth_window"):
         if getattr(config, name) <= 0:
             return f"--{name.replace('_', '-')} must be greater than 0"

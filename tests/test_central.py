@@ -19,6 +19,7 @@ from supervisors.central_system import CentralSystemConfig, start_central
 from tests.fakes import FakeMonitor, KafkaPeer
 from tests.waiting import wait_until
 from transport import protocol
+from transport.kafka import PumpFetchWait
 from transport.listener import ListenerPort
 
 pytestmark = pytest.mark.broker
@@ -216,6 +217,21 @@ def test_full_supply_is_billed_exactly_once(central) -> None:
     hello2 = uuid.uuid4().hex
     peer.send("driver_requests", "d1", protocol.DriverHello(driver_id="d1", correlation_id=hello2))
     assert peer.wait_for(protocol.DriverHelloResponse, lambda m: m.correlation_id == hello2)[0].tickets == ()
+
+
+def test_a_quiet_central_lets_the_broker_hold_both_consumers_longer(central) -> None:
+    """Idle cost (issue #14): after 2 s without records, the driver-requests and the telemetry
+    consumers fetch with their idle waits (250 and 500 ms by default); a reading brings the
+    telemetry consumer's 100 ms back."""
+    config = CentralSystemConfig(port=0, broker="unused")  # the defaults
+    wait_until(lambda: central.ask("sessions-pump", PumpFetchWait()) == config.telemetry_idle_fetch_wait_ms,
+               timeout=15, what="the telemetry consumer's idle wait")
+    wait_until(lambda: central.ask("requests-pump", PumpFetchWait()) == config.requests_idle_fetch_wait_ms,
+               timeout=15, what="the requests consumer's idle wait")
+    central.peer.send("charging_session_data", "MAD1", protocol.ChargingData(
+        cp_id="MAD1", session_id="S-none", driver_id="d1", seq=1, energy_kwh=0.1, cost_eur=0.04, power_kw=7.4))
+    wait_until(lambda: central.ask("sessions-pump", PumpFetchWait()) == config.telemetry_fetch_wait_ms,
+               timeout=10, what="the short wait back with the first reading")
 
 
 @pytest.mark.life_timeout(1.0)
