@@ -263,3 +263,28 @@ def test_a_pump_whose_kafka_client_is_wedged_is_replaced_with_a_sentence(kafka_s
         assert wait_ready(directory.get("pump"), timeout=5)
     finally:
         sup.stop()
+
+
+def test_the_key_partitioner_places_every_key_where_kafka_pythons_default_does(kafka_settings) -> None:
+    """The publisher's partitioner only remembers the default's answers (issue #14): a key goes to the
+    same partition either way, so per-key order never depends on which producer sent a record."""
+    from kafka import KafkaProducer
+    from kafka.partitioner.default import murmur2
+
+    from transport.kafka import key_partitioner
+
+    topic = kafka_settings.topic("driver_responses")
+    producer = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap, partitioner=key_partitioner(),
+                             enable_idempotence=False)
+    try:
+        partitions = sorted(producer.partitions_for(topic))
+        assert len(partitions) > 1
+        keys = [f"driver-{i}".encode() for i in range(64)]
+        for _ in range(2):  # the second round comes from the partitioner's memory
+            for key in keys:
+                md = producer.send(topic, key=key, value=b"{}").get(timeout=10)
+                assert md.partition == partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        no_key = producer.send(topic, value=b"{}").get(timeout=10)  # no key: the default's choice
+        assert no_key.partition in partitions
+    finally:
+        producer.close(timeout=2)

@@ -161,6 +161,39 @@ class _Acked:
     pass
 
 
+def key_partitioner() -> Any:
+    """kafka-python's default partitioner (murmur2 of the key, as the Java client), remembering each
+    key's partition per topic and partition count.
+
+    Why: the default one computes murmur2 in Python and builds two sets and a sorted list for every
+    record; Central sends a record a second to each of a thousand drivers, always the same keys.
+    Records without a key, or for a topic whose metadata is not known yet, take the default path.
+    """
+    from kafka.partitioner.default import DefaultPartitioner
+
+    class KeyPartitioner(DefaultPartitioner):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self._known: dict[tuple[str, bytes, int], int] = {}
+
+        def partition(self, topic: str, key: Any, serialized_key: bytes | None, value: Any,
+                      serialized_value: Any, cluster: Any) -> int:
+            partitions = cluster.partitions_for_topic(topic) if serialized_key is not None else None
+            if not partitions:
+                return int(super().partition(topic, key, serialized_key, value, serialized_value, cluster))
+            assert serialized_key is not None
+            known = (topic, serialized_key, len(partitions))
+            found = self._known.get(known)
+            if found is None:
+                if len(self._known) >= 100_000:  # keys are CP and driver ids; bound it all the same
+                    self._known.clear()
+                found = self._known[known] = int(
+                    super().partition(topic, key, serialized_key, value, serialized_value, cluster))
+            return found
+
+    return KeyPartitioner()
+
+
 class Publisher(SupervisedActor):
     """The only Kafka producer of an actor system."""
 
@@ -267,6 +300,7 @@ class Publisher(SupervisedActor):
             max_block_ms=self.settings.max_block_ms,
             request_timeout_ms=self.settings.request_timeout_ms,
             delivery_timeout_ms=max(self.settings.request_timeout_ms * 2, 10_000),
+            partitioner=key_partitioner(),
             **self.settings.client_options(KafkaProducer),
         )
         self._stats["producers"] += 1

@@ -1111,11 +1111,15 @@ def to_dict(msg: Message) -> dict[str, Any]:
     return {"type": msg.TYPE, **_plain(msg)}
 
 
+#: One encoder for every call (json.dumps with options would build a new one each time).
+_JSON_OUT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def encode(msg: Message) -> bytes:
     """Compact UTF-8 JSON; validated first, so the peer's decoder will accept it."""
     data = to_dict(msg)
     from_dict(data)
-    return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _JSON_OUT.encode(data).encode()
 
 
 def _no_constants(name: str) -> Any:
