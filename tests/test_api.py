@@ -230,6 +230,11 @@ def test_every_api_route_needs_the_token_and_only_the_public_ones_do_not(api: Ap
         status, headers, answer = api.call(method, path, body, token=None)
         assert status == 401, (method, path, status, answer)
         assert "operator token" in sentence(answer) and headers.get("www-authenticate") == "Bearer"
+    # a stranger's malformed body learns nothing of the API's rules: 401 before the body is parsed
+    for method, path, raw in [("POST", "/api/weather/alerts", b"{not json"), BAD_BODIES["nan-temp"],
+                              BAD_BODIES["long-location"], BAD_BODIES["limit-text"]]:
+        status, _, answer = api.call(method, path, raw=raw, token=None)
+        assert status == 401 and "operator token" in sentence(answer), (path, status, answer)
     for path in ("/health", "/", "/openapi.json", "/docs", "/static/panel.css"):
         status, headers, _ = api.call("GET", path, token=None)
         assert status == 200, path

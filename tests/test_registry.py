@@ -214,14 +214,18 @@ def test_no_token_is_401_and_a_wrong_one_403_and_audited(registry: RegistryHandl
         assert status == 401, (method, path, answer)
         assert headers.get("www-authenticate") == "Bearer"
         assert "admin token" in _sentence(answer)
-    # refused before the body is even validated
+    # refused before the body is even validated, or parsed
     status, _, _ = call(registry, "POST", "/cps", {"cp_id": "bad id"})
     assert status == 401
+    status, _, answer = call(registry, "POST", "/cps", raw=b"{not json")
+    assert status == 401 and "admin token" in _sentence(answer)
 
     status, _, answer = call(registry, "POST", "/cps", {"cp_id": "X1", "location": "x", "price_eur_kwh": 1},
                              token="not-the-admin-token-at-all")
     assert status == 403
     assert "wrong" in _sentence(answer)
+    status, _, answer = call(registry, "POST", "/cps", raw=b"{not json", token="not-the-admin-token-at-all")
+    assert status == 403 and "wrong" in _sentence(answer)
     with RegistryStore(_db(registry)) as store:
         refused = store.recent_audit(5, event="admin_token_refused")
         assert store.credential("cp", "X1") is None

@@ -574,6 +574,9 @@ def make_app(live: LiveState, commands: Commands, store_factory: StoreFactory, t
     # ------------------------------------------------------------- errors
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        refused = await gate.refusal(request)  # no token, no word about the body
+        if refused is not None:
+            return refused
         errors = error_list(exc.errors())
         return JSONResponse({"detail": sentence(errors), "errors": errors}, status_code=422)
 

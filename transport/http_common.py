@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -206,6 +207,20 @@ class TokenGate:
             await run_in_threadpool(self._on_refused, address, what)
         headers = {"WWW-Authenticate": "Bearer"} if self.wrong_status == 401 else None
         raise HTTPException(self.wrong_status, f"the {self.what} is wrong (the attempt was logged)", headers=headers)
+
+    async def refusal(self, request: Request) -> JSONResponse | None:
+        """For a request that failed validation (a 422 on its way): this gate's answer first, if the route
+        it reached is one the gate protects and the token does not pass; None otherwise. FastAPI parses a
+        JSON body before it runs the route's dependencies, so without this a stranger's malformed body
+        learnt the API's rules (422) before being asked for the token (401)."""
+        route = request.scope.get("route")
+        if not any(getattr(d, "dependency", None) is self for d in getattr(route, "dependencies", ())):
+            return None
+        try:
+            await self(request, await HTTPBearer(auto_error=False)(request))
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return None
 
 
 # --- files made on the first start ---------------------------------------------------------------

@@ -306,6 +306,9 @@ def make_app(store_factory: StoreFactory, admin_token: str, *, limiter: security
     # -------------------------------------------------------------- errors
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        refused = await gate.refusal(request)  # no token, no word about the body
+        if refused is not None:
+            return refused
         errors = error_list(exc.errors())
         return JSONResponse({"detail": errors, "message": sentence(errors)}, status_code=422)
 
