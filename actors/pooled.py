@@ -224,4 +224,5 @@ class Pooled(pykka.ThreadingActor):
         except BaseException:  # as pykka: a KeyboardInterrupt or SystemExit stops everything
             log.debug("%r in %s. Stopping all actors.", sys.exc_info()[1], self)
             self._stop()
-            ActorRegistry.stop_all()
+            # Not on this thread: stop_all waits for every actor, and this pool's others need it to stop.
+            threading.Thread(target=ActorRegistry.stop_all, name="stop-all", daemon=True).start()

@@ -151,8 +151,10 @@ class _Flush:
     sock_id: int
 
 
-#: how soon a link tries again to send bytes the socket's buffer had no room for
+#: how soon a link tries again to send bytes the socket's buffer had no room for: the first retry,
+#: doubling up to the last (back to the first once the peer reads)
 FLUSH_RETRY = 0.01
+FLUSH_RETRY_MAX = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,7 @@ class FramedLink(SupervisedActor):
         self._outbox: deque[bytes] = deque()
         self._unsent = bytearray()  # bytes the socket's buffer had no room for yet (never blocks the actor)
         self._unsent_deadline = 0.0
+        self._flush_delay = FLUSH_RETRY
         self._in_flight: bytes | None = None
         self._serial = 0
         self._attempts = 0
@@ -233,7 +236,7 @@ class FramedLink(SupervisedActor):
         self.peer = peer
         self._bad_streak = self._garbage = self._rejected = 0
         self.principal, self.admitted, self._seal = None, False, None  # a new socket proves itself again
-        sock.setblocking(False)  # the reader must never block on it; writes wait in _write
+        sock.setblocking(False)  # nobody ever waits on it: the reader reads what is there, _write sends what fits
         me, sock_id = self.actor_ref, self._sock_id
         self._watch = Watch(
             sock, framing.FrameDecoder(self.options.max_data),
@@ -265,7 +268,7 @@ class FramedLink(SupervisedActor):
         self._in_flight = None
         self._unwatch()
         unsent, self._unsent = bytes(self._unsent), bytearray()
-        if polite:
+        if polite:  # best effort: what the socket's buffer cannot take now (a peer not reading) is lost
             _try_send(sock, unsent + bytes([framing.EOT]))
         _close_socket(sock)
         self._tell_owner(LinkDown(self.actor_ref, self.peer, reason))
@@ -307,14 +310,18 @@ class FramedLink(SupervisedActor):
                     self._flush()
             case _AckTimeout(sock_id, serial):
                 if sock_id == self._sock_id and serial == self._serial and self._in_flight is not None:
-                    self._retransmit(f"no ACK within {self.options.ack_timeout:g} s")
+                    if self._unsent:  # the frame has not left yet: no ACK is due; _flush's deadline rules
+                        self._ack_timer = schedule(self.options.ack_timeout, self.actor_ref,
+                                                   _AckTimeout(sock_id, serial))
+                    else:
+                        self._retransmit(f"no ACK within {self.options.ack_timeout:g} s")
             case Close(reason):
                 self.detach(reason, polite=True)
             case Admit(principal, seal):
                 self.principal, self._seal, self.admitted = principal, seal, True
                 self.on_admitted()
             case LinkStats():
-                return dict(self.stats, connected=self.connected, queued=len(self._outbox))
+                return dict(self.stats, connected=self.connected, queued=len(self._outbox), unsent=len(self._unsent))
             case _:
                 return self.on_other(message)
         return None
@@ -478,7 +485,8 @@ class FramedLink(SupervisedActor):
         if sent < len(data):
             self._unsent += data[sent:]
             self._unsent_deadline = time.monotonic() + self.options.io_timeout
-            schedule(FLUSH_RETRY, self.actor_ref, _Flush(self._sock_id))
+            self._flush_delay = FLUSH_RETRY
+            schedule(self._flush_delay, self.actor_ref, _Flush(self._sock_id))
         return True
 
     def _flush(self) -> None:
@@ -496,12 +504,15 @@ class FramedLink(SupervisedActor):
         if sent:
             del self._unsent[:sent]
             self._unsent_deadline = now + self.options.io_timeout  # it reads: slow is not gone
+            self._flush_delay = FLUSH_RETRY
+        else:  # a peer that reads nothing costs fewer and fewer retries until io_timeout drops it
+            self._flush_delay = min(FLUSH_RETRY_MAX, self._flush_delay * 2)
         if not self._unsent:
             return
         if now >= self._unsent_deadline:
             self.detach(f"{self.peer} read nothing of what we sent for {self.options.io_timeout:g} s")
             return
-        schedule(FLUSH_RETRY, self.actor_ref, _Flush(self._sock_id))
+        schedule(self._flush_delay, self.actor_ref, _Flush(self._sock_id))
 
     def _tell_owner(self, message: Any) -> None:
         if not self.directory.tell(self.owner, message):
