@@ -299,7 +299,7 @@ def test_peers_that_never_read_do_not_hold_up_the_others_and_are_dropped() -> No
         assert slowest < 1.0, f"the honest peer waited {slowest:.2f} s for an ACK"
         assert links[-1].is_alive()
     finally:
-        for s in [*flooders]:
+        for s in flooders:
             s.close()
         for ref in links:
             ref.stop()

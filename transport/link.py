@@ -475,12 +475,8 @@ class FramedLink(SupervisedActor):
                 return False
             self._unsent += data
             return True
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
+        sent = self._send_now(sock, data)
+        if sent is None:
             return False
         if sent < len(data):
             self._unsent += data[sent:]
@@ -493,12 +489,8 @@ class FramedLink(SupervisedActor):
         sock = self._sock
         if sock is None or not self._unsent:
             return
-        try:
-            sent = sock.send(self._unsent)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
+        sent = self._send_now(sock, self._unsent)
+        if sent is None:
             return
         now = time.monotonic()
         if sent:
@@ -513,6 +505,17 @@ class FramedLink(SupervisedActor):
             self.detach(f"{self.peer} read nothing of what we sent for {self.options.io_timeout:g} s")
             return
         schedule(self._flush_delay, self.actor_ref, _Flush(self._sock_id))
+
+    def _send_now(self, sock: socket.socket, data: bytes | bytearray) -> int | None:
+        """Bytes the socket took at once (0: its buffer is full); None when it failed and the link was
+        detached."""
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.detach(f"cannot write to {self.peer}: {exc or type(exc).__name__}")
+            return None
 
     def _tell_owner(self, message: Any) -> None:
         if not self.directory.tell(self.owner, message):
