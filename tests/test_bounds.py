@@ -58,6 +58,10 @@ def test_strings_have_maximum_lengths() -> None:
     assert "field 'location' of register_request must be at most 200 characters long (it has 201)" in refusal(reg)
     fault = {"type": "fault_notification", "cp_id": "MAD1", "reason": "r" * 501}
     assert "field 'reason' of fault_notification must be at most 500 characters long" in refusal(fault)
+    # a CP's own out-of-service word (an OCPP charger's Unavailable) is bounded like any reason
+    beat = {"type": "heartbeat", "cp_id": "MAD1", "engine_ok": True, "out_of_service": "u" * 501}
+    assert "field 'out_of_service' of heartbeat must be at most 500 characters long" in refusal(beat)
+    assert "out_of_service" in refusal(dict(beat, out_of_service=["not", "text"]))
     event = {"type": "supply_event", "driver_id": "d1", "session_id": "s1", "cp_id": "MAD1", "event": "fault",
              "detail": "d" * 501}
     assert "field 'detail' of supply_event must be at most 500" in refusal(event)
