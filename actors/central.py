@@ -666,11 +666,7 @@ class CentralActor(SupervisedActor):
         cp = self.cps[p.cp_id]
         if accepted:
             self.repo.request_authorized(p.session_id)  # the stored answer, before the driver is told
-            rec = self.repo.get_session(p.session_id)
-            assert rec is not None
-            self._start_session_actor(rec)
             self._driver_event(p.driver_id, p.session_id, p.cp_id, "authorized", f"plug in at CP {p.cp_id}")
-            self._note(f"CP {p.cp_id} authorised session {p.session_id} for driver {p.driver_id}")
         else:
             self.repo.cancel_session(p.session_id, reason, time.time(), by="central" if stop_cp else "cp")
             if stop_cp:
@@ -692,6 +688,13 @@ class CentralActor(SupervisedActor):
                 session_id=p.session_id if accepted else None, reason=None if accepted else reason)))
             if not accepted:
                 self._driver_event(p.driver_id, p.session_id, p.cp_id, "denied", reason)
+        if accepted:
+            # After the answer (it is stored and on its way: the driver waits for it, not for this),
+            # and before this actor handles anything else, so no reading of the session finds it missing.
+            rec = self.repo.get_session(p.session_id)
+            assert rec is not None
+            self._start_session_actor(rec)
+            self._note(f"CP {p.cp_id} authorised session {p.session_id} for driver {p.driver_id}")
 
     def _on_auth_timeout(self, corr: str) -> None:
         p = self._pending.get(corr)
