@@ -125,12 +125,14 @@ def measure(port: int, verifiers: dict[str, bytes], secure: bool, workers: int, 
 def central_run(settings: Any, db: Path, secure: bool, verifiers: dict[str, bytes], workers: int,
                 window: float) -> dict[str, Any]:
     from supervisors.central_system import CentralSystemConfig, start_central
+    from supervisors.system import tune_gc
     from transport.listener import ListenerPort
 
     config = CentralSystemConfig(port=0, host=LOOPBACK, broker=settings.bootstrap, db_path=str(db),
                                  topic_prefix=settings.topic_prefix, panel="off", console=False,
                                  enroll="registry" if secure else "open", auth_failures=1_000_000)
     system = start_central(config)
+    tune_gc()  # as the program does (supervisors.system.run_until_signal)
     try:
         port = system.ask("monitor-listener", ListenerPort(), timeout=10)
         return measure(port, verifiers, secure, workers, window)

@@ -21,6 +21,9 @@
    acknowledged by the broker). Afterwards the bench checks what "durable as designed" means:
    the ledger's batched checkpoints reached the last ``seq`` of every
    session in SQLite and the pump committed every offset.
+   The process's garbage collector is tuned as Central's program tunes it
+   (``supervisors.system.tune_gc``) before anything runs, so the baseline
+   and Central read under the same collector.
 5. Sealed (issue #11): the same number of records, each sealed as an Engine
    seals it (AES-256-GCM with its CP's key, ``sealed`` envelope), on topics of
    their own; a bare consumer reads them (baseline: the bigger records), then
@@ -365,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sealed", dest="sealed", action="store_false", help="skip the sealed (security on) phase")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
+    from supervisors.system import tune_gc
+    # Central's program tunes its collector once started (supervisors.system.run_until_signal); Central
+    # runs in this process here, so this process does, before the baseline too: both read alike.
+    tune_gc()
     run(args).dump(args.json)
     return 0
 

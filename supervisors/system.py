@@ -6,7 +6,9 @@ Apps that embed the actors use only this: start, look things up, stop.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,6 +23,36 @@ from supervisors.supervisor import ChildSpec, Supervisor, start_tree
 from transport.kafka import ConsumerPump, wait_ready
 
 log = logging.getLogger("evcharging.system")
+
+GC_THRESHOLD_ENV = "EV_GC_THRESHOLD"
+#: Allocations between two collections of the youngest generation (Python's default is 700).
+DEFAULT_GC_THRESHOLD = 20_000
+
+
+def tune_gc() -> int | None:
+    """Tune the cyclic garbage collector for a long-running program; returns the threshold set.
+
+    Why: the actors allocate a few short-lived objects per message, and at 1,000 CPs Central's
+    collector ran ~100 young and ~10 older collections a second: 0.3-0.5 s of every 10 s (3-5 % of
+    a core, in bench.scale). Collecting the youngest generation every ``EV_GC_THRESHOLD``
+    (default 20,000) allocations instead of every 700, with what start-up built frozen out of the
+    collector's sight (``gc.freeze``), cut that to 0.01-0.05 s per 10 s at the same RSS. Cycles are
+    still collected, only later. ``EV_GC_THRESHOLD=0`` leaves Python's defaults.
+    Called by the programs once their system started; an app embedding the actors may call it too.
+    """
+    raw = os.environ.get(GC_THRESHOLD_ENV, "").strip()
+    try:
+        threshold = int(raw) if raw else DEFAULT_GC_THRESHOLD
+    except ValueError:
+        log.warning("%s=%r is not a whole number: using %d", GC_THRESHOLD_ENV, raw, DEFAULT_GC_THRESHOLD)
+        threshold = DEFAULT_GC_THRESHOLD
+    if threshold <= 0:
+        return None
+    gc.collect()  # what start-up left as garbage goes now, not into the frozen generation
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(threshold, older, oldest)
+    return threshold
 
 
 @dataclass
@@ -139,6 +171,7 @@ def run_until_signal(start: Callable[[], RunningSystem], stop: Callable[[Running
         logger.error("Cannot start the %s: %s", what, exc)
         return 1
     logger.info("%s", started(system))
+    tune_gc()
     while not quit_requested.is_set():
         if system.wait(0.2):
             logger.error("The %s gives up: %s", what, system.escalation_reason or "a part failed too often")
