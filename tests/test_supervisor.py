@@ -266,3 +266,51 @@ def test_directory_wait_for_blocks_a_plain_thread_until_the_name_runs() -> None:
         assert directory.wait_for("late", 5) is ref
     finally:
         ref.stop()
+
+
+class _Recorder(SupervisedActor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "seen?":
+            return list(self.seen)
+        if message == "block":
+            gate.wait(10)
+        self.seen.append(message)
+        return None
+
+
+gate = threading.Event()
+
+
+def test_a_threaded_actors_mailbox_keeps_order_and_answers_asks_left_at_stop_as_dead() -> None:
+    """The mailbox is a queue.SimpleQueue (actors/runtime.py): pykka's contract stays: messages in
+    the order told, from many threads; an ask still queued when the actor stops fails at once."""
+    import queue
+
+    ref = _Recorder.start()
+    try:
+        assert isinstance(ref.actor_inbox, queue.SimpleQueue)
+        senders = [threading.Thread(target=lambda k=k: [ref.tell((k, i)) for i in range(500)]) for k in range(4)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        seen = ref.ask("seen?", timeout=10)
+        assert len(seen) == 2000
+        for k in range(4):
+            assert [i for s, i in seen if s == k] == list(range(500))  # each sender's order kept
+        gate.clear()
+        ref.tell("block")
+        stopped = ref.stop(block=False)  # queued behind the blocked message
+        late = ref.ask("seen?", block=False)  # queued behind the stop
+        gate.set()
+        stopped.get(timeout=10)
+        with pytest.raises(pykka.ActorDeadError):
+            late.get(timeout=10)
+    finally:
+        gate.set()
+        if ref.is_alive():
+            ref.stop()
