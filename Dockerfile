@@ -1,4 +1,5 @@
-# One image for every program of the network (EV_Central, EV_CP_M, EV_CP_E, EV_Driver, EV_Registry, evcharging).
+# One image for every program of the network (EV_Central, EV_CP_M, EV_CP_E, EV_Driver, EV_Registry, EV_W, EV_OCPP,
+# EV_OCPP_SIM, evcharging).
 FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.lock setup.cfg pyproject.toml README.md ./

@@ -2,7 +2,7 @@
 
 Two parts:
 
-* the deployment files: ``docker-compose.yml`` is read (with PyYAML, noting
+* the deployment files: ``docker-compose.yml`` (every program, EV_W and EV_OCPP included) is read (with PyYAML, noting
   what YAML 1.1 and 1.2 read differently) and every service is checked
   against the real programs — each ``EV_*`` variable is a flag's twin of the
   program the service runs, the environment alone makes a complete command
@@ -150,7 +150,8 @@ def program_module(script: str) -> Any:
     kind = target.rsplit(":", 1)[1].removesuffix("_main")
     return importlib.import_module({"central": "supervisors.central_system", "engine": "supervisors.engine_system",
                                     "monitor": "supervisors.monitor_system", "registry": "supervisors.registry_system",
-                                    "driver": "supervisors.driver_system"}[kind])
+                                    "driver": "supervisors.driver_system", "weather": "supervisors.weather_system",
+                                    "ocpp": "supervisors.ocpp_system", "ocpp_sim": "supervisors.ocpp_sim"}[kind])
 
 
 def accepted_env(parser: Any) -> set[str]:
@@ -175,7 +176,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return interpolate(compose["services"], {})  # as `docker compose up` sees them with an empty environment
 
 
-APP_SCRIPTS = ("EV_Central", "EV_CP_E", "EV_CP_M", "EV_Driver", "EV_Registry")
+APP_SCRIPTS = ("EV_Central", "EV_CP_E", "EV_CP_M", "EV_Driver", "EV_Registry", "EV_W", "EV_OCPP", "EV_OCPP_SIM")
 
 
 def test_the_compose_file_reads_the_same_in_yaml_1_1_and_1_2() -> None:
@@ -349,8 +350,41 @@ def test_compose_wiring_depends_on_volumes_healthchecks_and_kafka_listeners(
             assert central_host in services and central_port == env_map(services[central_host])["EV_CENTRAL_PORT"]
             raw = env_map(compose["services"][name])["EV_CENTRAL"]
             assert raw.startswith("${EV_CENTRAL:-"), f"{name}: Central's address must be settable (CPs elsewhere)"
+        if command[0] == "EV_OCPP":
+            central_host, central_port = env["EV_CENTRAL"].rsplit(":", 1)
+            assert central_host in services and central_port == env_map(services[central_host])["EV_CENTRAL_PORT"]
+            assert env["EV_JOURNAL"].startswith("/data/") and any(
+                m.split(":")[1] == "/data" for m in svc["volumes"]), f"{name}: the journal must be on a volume"
+            listen_host, listen_port = env["EV_LISTEN"].rsplit(":", 1)
+            assert listen_host == "0.0.0.0" and [p.split(":")[1] for p in svc["ports"]] == [listen_port]
+        if command[0] == "EV_OCPP_SIM":
+            url = re.fullmatch(r"ws://([a-z0-9-]+):(\d+)/(.*)", env["EV_OCPP_URL"])
+            assert url, f"{name}: EV_OCPP_URL {env['EV_OCPP_URL']!r}"
+            gateway = env_map(services[url.group(1)])
+            assert url.group(2) == gateway["EV_LISTEN"].rsplit(":", 1)[1], f"{name}: wrong gateway port"
+            assert "/" + url.group(3) == gateway.get("EV_PATH_PREFIX", "/ocpp/"), f"{name}: wrong path"
+            provisioned = " ".join(services["provision"]["command"])
+            for charger in env["EV_CHARGERS"].split(","):
+                assert f"--cp {charger}=" in provisioned, f"{name}: charger {charger} is not provisioned"
+            assert env["EV_CREDENTIAL_DIR"] in [m.split(":")[1] for m in svc["volumes"]]
+        if command[0] == "EV_W":
+            central_env = env_map(services["central"])
+            assert env["EV_CENTRAL_URL"] == f"https://central:{central_env['EV_API_PORT']}", f"{name}: Central's API"
+            assert "central" in central_env["EV_API_CERT_NAMES"].split(","), \
+                "Central's self-signed API certificate must name the host EV_W calls it by"
+            db_dir = central_env["EV_DB"].rsplit("/", 1)[0]
+            shared = {m.split(":")[1] for m in svc["volumes"] if m.split(":")[0] == "central-data"}
+            assert db_dir in shared, f"{name}: Central's certificate and token are on its volume"
+            assert env["EV_CENTRAL_CA"] == f"{db_dir}/api-cert.pem"
+            assert env["EV_API_TOKEN_FILE"] == f"{db_dir}/api-token"
+            mounted = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"] if m.startswith("./")}
+            folder, file = env["EV_WEATHER_FILE"].rsplit("/", 1)
+            text = (ROOT / mounted[folder] / file).read_text(encoding="utf-8")
+            for city in env["EV_WATCH"].split(";"):
+                assert re.search(rf"^{re.escape(city)}:", text, re.M), f"{name}: no weather for {city} in {file}"
     central = services["central"]
-    assert [p.split(":")[1] for p in central["ports"]] == [env_map(central)["EV_CENTRAL_PORT"]]
+    assert [p.split(":")[1] for p in central["ports"]] == [env_map(central)["EV_CENTRAL_PORT"],
+                                                           env_map(central)["EV_API_PORT"]]
     cp_ids = [env_map(s)["EV_CP_ID"] for s in services.values() if (s.get("command") or [""])[0] == "EV_CP_M"]
     assert len(cp_ids) == len(set(cp_ids)) >= 2, f"CP ids must be unique: {cp_ids}"
 
