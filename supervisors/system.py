@@ -38,7 +38,8 @@ def tune_gc() -> int | None:
     (default 20,000) allocations instead of every 700, with what start-up built frozen out of the
     collector's sight (``gc.freeze``), cut that to 0.01-0.05 s per 10 s at the same RSS. Cycles are
     still collected, only later. ``EV_GC_THRESHOLD=0`` leaves Python's defaults.
-    Called by the programs once their system started; an app embedding the actors may call it too.
+    Called by the long-running programs (``run_until_signal``: Central, the Monitor, the Engine, EV_OCPP,
+    EV_W) once their system started; an app embedding the actors may call it too.
     """
     raw = os.environ.get(GC_THRESHOLD_ENV, "").strip()
     try:
