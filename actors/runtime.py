@@ -344,7 +344,8 @@ class Drain:
 class FanIn:
     """Many senders → one actor, without the mailbox's lock on each sender's path.
 
-    Why: a pykka mailbox is a ``queue.Queue``. At 1,000 CPs a thousand session actors told the
+    Why: a mailbox has one lock every sender takes (pykka's ``queue.Queue``; ours, a
+    ``queue.SimpleQueue``, takes one too, in C). At 1,000 CPs a thousand session actors told the
     one publisher a message a second each, and queued on that queue's mutex: a lock convoy under
     the GIL (829 of them were waiting there in one py-spy dump, the publisher itself could not
     take its next message, and Central stalled behind it). Here a sender appends to a deque

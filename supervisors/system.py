@@ -27,6 +27,8 @@ log = logging.getLogger("evcharging.system")
 GC_THRESHOLD_ENV = "EV_GC_THRESHOLD"
 #: Allocations between two collections of the youngest generation (Python's default is 700).
 DEFAULT_GC_THRESHOLD = 20_000
+#: The largest threshold taken (a larger one is said and lowered to this).
+MAX_GC_THRESHOLD = 10_000_000
 
 
 def tune_gc() -> int | None:
@@ -47,7 +49,14 @@ def tune_gc() -> int | None:
     except ValueError:
         log.warning("%s=%r is not a whole number: using %d", GC_THRESHOLD_ENV, raw, DEFAULT_GC_THRESHOLD)
         threshold = DEFAULT_GC_THRESHOLD
-    if threshold <= 0:
+    if threshold < 0:
+        log.warning("%s=%r is below 0 (0 leaves Python's defaults): using %d", GC_THRESHOLD_ENV, raw,
+                    DEFAULT_GC_THRESHOLD)
+        threshold = DEFAULT_GC_THRESHOLD
+    if threshold > MAX_GC_THRESHOLD:  # gc.set_threshold refuses what does not fit a C int
+        log.warning("%s=%r is above %d: using %d", GC_THRESHOLD_ENV, raw, MAX_GC_THRESHOLD, MAX_GC_THRESHOLD)
+        threshold = MAX_GC_THRESHOLD
+    if threshold == 0:
         return None
     gc.collect()  # what start-up left as garbage goes now, not into the frozen generation
     gc.freeze()

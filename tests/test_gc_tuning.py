@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisors.system import DEFAULT_GC_THRESHOLD, GC_THRESHOLD_ENV
+from supervisors.system import DEFAULT_GC_THRESHOLD, GC_THRESHOLD_ENV, MAX_GC_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ("import gc, json, logging; logging.basicConfig(); from supervisors.system import tune_gc; "
@@ -47,3 +47,12 @@ def test_a_threshold_that_is_not_a_number_is_said_and_the_default_used(bad: str)
     _, after, got, _, stderr = tuned(bad)
     assert got == DEFAULT_GC_THRESHOLD and after[0] == DEFAULT_GC_THRESHOLD
     assert f"{GC_THRESHOLD_ENV}={bad!r} is not a whole number" in stderr
+
+
+def test_a_threshold_out_of_range_is_said_and_replaced_never_a_crash() -> None:
+    """Found in review: 2**31 parsed, then gc.set_threshold raised OverflowError after the system had
+    started, outside any handler: the program's main thread died with its actors still running."""
+    _, after, got, _, stderr = tuned(str(2**31))
+    assert got == MAX_GC_THRESHOLD and after[0] == MAX_GC_THRESHOLD and "is above" in stderr
+    _, after, got, _, stderr = tuned("-5")
+    assert got == DEFAULT_GC_THRESHOLD and after[0] == DEFAULT_GC_THRESHOLD and "is below 0" in stderr
