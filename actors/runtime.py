@@ -249,10 +249,13 @@ class Ticker:
     interval on a monotonic clock), stopped with :meth:`stop` from teardown.
     """
 
-    def __init__(self, interval: float, ref: pykka.ActorRef[Any], message: Any, name: str = "ticker") -> None:
+    def __init__(self, interval: float, ref: pykka.ActorRef[Any], message: Any, name: str = "ticker", *,
+                 make: Callable[[], Any] | None = None) -> None:
+        """``make``: builds each message when it is told (one saying when, say) instead of ``message``."""
         self.interval = interval
         self._ref = ref
         self._message = message
+        self._make = make
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -260,7 +263,7 @@ class Ticker:
     def _run(self) -> None:
         deadline = time.monotonic() + self.interval
         while not self._stop.wait(max(0.0, deadline - time.monotonic())):
-            if not tell(self._ref, self._message):
+            if not tell(self._ref, self._message if self._make is None else self._make()):
                 return
             deadline += self.interval
 

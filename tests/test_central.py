@@ -6,6 +6,9 @@ and Engines are plain Kafka clients (KafkaPeer). Nothing is mocked.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import threading
 import time
 import uuid
 
@@ -243,6 +246,50 @@ def test_a_silent_cp_is_disconnected_right_after_its_life_timeout(central) -> No
     wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=5, interval=0.01)
     silent = time.monotonic() - last
     assert 1.0 <= silent <= 1.0 + 0.4, silent
+    m.close()
+
+
+@pytest.mark.life_timeout(1.5)
+def test_a_busy_central_does_not_call_silent_a_cp_whose_life_messages_wait_in_its_mailbox(
+        central, caplog: pytest.LogCaptureFixture) -> None:
+    """Found at 1,500 CPs in bench.scale: with every Monitor connecting at once Central's mailbox held
+    thousands of messages, and its tick, judging life as of when it was handled, showed >1,000 CPs
+    DISCONNECTED and back whose life messages were waiting behind it. Here Central is kept busy for
+    3 s (twice the life timeout) by a write waiting for a lock on its database, while MAD1 goes on
+    sending life messages every 0.3 s: MAD1 must stay ACTIVE throughout."""
+    m = active_monitor(central, "MAD1")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            m.heartbeat(True)
+            stop.wait(0.3)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    lock = sqlite3.connect(central.db, timeout=5, isolation_level=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="evcharging.central"):
+            lock.execute("BEGIN EXCLUSIVE")
+            try:
+                corr = charge(central, "d1", "MAD2")  # Central's next write (this denial) waits for our lock
+                wait_until(lambda: central.get("central").actor_inbox.qsize() > 20, timeout=10,
+                           what="Central's mailbox filling up behind the waiting write")
+                time.sleep(3.0)  # the window: Central busy for twice the life timeout, MAD1 still beating
+            finally:
+                lock.execute("COMMIT")
+            assert response(central, corr).status == "denied"  # the busy spell is over
+            wait_until(lambda: central.get("central").actor_inbox.qsize() < 5, what="Central caught up")
+            time.sleep(0.3)  # a few more ticks, judged after the spell
+            assert state(central, "MAD1") == "ACTIVE"
+        flaps = [r.getMessage() for r in caplog.records if "missed its life messages" in r.getMessage()]
+        assert flaps == []
+    finally:
+        stop.set()
+        beating.join(5)
+        lock.close()
+    # and a CP that really goes silent is still seen at once (its life messages stop)
+    wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=5, what="MAD1 silent -> DISCONNECTED")
     m.close()
 
 
