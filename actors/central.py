@@ -543,6 +543,7 @@ class CentralActor(SupervisedActor):
         cp.link = link
         cp.engine_ok = None  # known with the first heartbeat
         cp.out_of_service = None  # likewise
+        cp.alive = False  # likewise: a new link is alive with its own first life message
         self._by_link[link.actor_urn] = cp.cp_id
         tell(link, Send(protocol.RegisterResponse(correlation_id=req.correlation_id, status="accepted",
                                                  price_eur_kwh=cp.price, location=cp.location)))

@@ -30,8 +30,10 @@ pytestmark = pytest.mark.broker
 
 @pytest.fixture
 def central(kafka_settings, tmp_path, request):
-    """Central with MAD1 and MAD2 seeded; ``@pytest.mark.life_timeout(s)`` shortens the life timeout."""
+    """Central with MAD1 and MAD2 seeded; ``@pytest.mark.life_timeout(s)`` shortens the life timeout,
+    ``@pytest.mark.lost_deadline(s)`` the lost-session deadline."""
     marker = request.node.get_closest_marker("life_timeout")
+    lost = request.node.get_closest_marker("lost_deadline")
     db = str(tmp_path / "central.db")
     with Repository(db) as repo:
         # 3,600 kW: 1 kWh a second, so the tests' quick supplies stay plausible (see test_billing.py)
@@ -39,7 +41,8 @@ def central(kafka_settings, tmp_path, request):
         repo.upsert_cp("MAD2", "Madrid Atocha", 0.35, max_power_kw=3600)
     config = CentralSystemConfig(enroll="open", port=0, host="127.0.0.1", broker=kafka_settings.bootstrap, db_path=db,
                                  topic_prefix=kafka_settings.topic_prefix, authorize_timeout=2.0,
-                                 life_timeout=marker.args[0] if marker else 30.0)
+                                 life_timeout=marker.args[0] if marker else 30.0,
+                                 **({"lost_deadline": lost.args[0]} if lost else {}))
     system = start_central(config)
     assert system.wait_ready(30), "Central's Kafka consumers did not join within 30 s"
     system.port = system.ask("monitor-listener", ListenerPort())
@@ -290,6 +293,29 @@ def test_a_busy_central_does_not_call_silent_a_cp_whose_life_messages_wait_in_it
         lock.close()
     # and a CP that really goes silent is still seen at once (its life messages stop)
     wait_until(lambda: state(central, "MAD1") == "DISCONNECTED", timeout=5, what="MAD1 silent -> DISCONNECTED")
+    m.close()
+
+
+@pytest.mark.life_timeout(1.5)
+@pytest.mark.lost_deadline(2.0)
+def test_a_cp_registered_again_on_a_new_link_is_not_alive_until_that_link_sends_life_messages(central) -> None:
+    """Found in review of the life flag: a second registration replaced MAD1's link and kept the old
+    link's 'alive', so a live session's lost deadline never started while the new link stayed silent
+    (an OCPP gateway registers a charger whose WebSocket is down and sends nothing for it)."""
+    m = active_monitor(central, "MAD1")
+    corr = charge(central, "d1", "MAD1")
+    auth = m.expect(protocol.AuthorizeSupply)
+    m.send(protocol.SupplyAuthorizationResponse(correlation_id=auth.correlation_id, session_id=auth.session_id,
+                                                accepted=True))
+    assert response(central, corr).status == "authorized"
+    m.heartbeat(True)
+    again = FakeMonitor(central.port, "MAD1")  # the same CP on a new connection; it never sends a life message
+    assert again.register().status == "accepted"
+    with Repository(central.db) as repo:
+        wait_until(lambda: repo.get_session(auth.session_id).status == "cancelled", timeout=15,
+                   what="the session closed by the lost deadline (never supplied: cancelled)")
+    assert state(central, "MAD1") == "DISCONNECTED"
+    again.close()
     m.close()
 
 
