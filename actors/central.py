@@ -142,8 +142,8 @@ class CpView:
     price: float
     link: pykka.ActorRef[Any] | None = None
     last_heartbeat: float = 0.0
-    #: Its life messages are not overdue: set by each one, cleared by Central's tick (see _on_tick)
-    #: and when its link goes. Nothing else judges life from the clock.
+    #: Its life messages are not overdue: set by each one, cleared by Central's tick (see _on_tick),
+    #: when its link goes and when it registers on a new link. Nothing else judges life from the clock.
     alive: bool = False
     engine_ok: bool | None = None
     stopped: bool = False  # by the operator (stored)
@@ -595,9 +595,10 @@ class CentralActor(SupervisedActor):
             before = cp.state
             if before == DISCONNECTED:
                 continue
-            if not full and cp.link is not None and cp.last_heartbeat >= silent_before:
+            fresh = cp.last_heartbeat >= silent_before
+            if not full and cp.link is not None and fresh:
                 continue  # alive: nothing time-driven can have changed
-            cp.alive = cp.last_heartbeat >= silent_before
+            cp.alive = fresh
             if cp.derive() == before:
                 continue
             self._refresh(cp)
